@@ -1,0 +1,1057 @@
+"""
+DSPT: Double-Softmax Prompt Tuning of CLIP on few-shot data with noisy labels.
+
+A single-file reference implementation. It loads OpenAI's CLIP weights into its own
+model code and tokenizer, learns CoOp's shared context vectors on K images per class
+whose labels are partly wrong, and trains them with the double-softmax loss
+
+    L(z, y) = -log softmax(softmax(z))_y
+
+whose gradient vanishes when CLIP is confident about any class, so that samples CLIP
+confidently assigns to a class other than their (wrong) label barely move the prompt.
+
+    python dspt.py --data ./caltech101 --noise 0.5
+
+Sections, in the order the data flows: tokenizer; CLIP model; loading weights; data and
+label noise; prompt learner; losses; training and evaluation; main.
+"""
+
+import argparse
+import gzip
+import hashlib
+import html
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+DEFAULT_CACHE = os.environ.get("DSPT_CACHE", os.path.expanduser("~/.cache/clip"))
+
+
+class UserError(Exception):
+    """A problem with the input that the user can fix; main() prints it as one line."""
+
+
+def warn(message):
+    print(f"dspt: warning: {message}", file=sys.stderr)
+
+
+def progress(items, total, desc, weight=lambda item: 1):
+    """Yield from items, showing a one-line progress display on stderr if it is a terminal."""
+    show, done, start, shown = sys.stderr.isatty(), 0, time.time(), 0.0
+    for item in items:
+        yield item
+        done += weight(item)
+        if show and (time.time() - shown > 0.2 or done >= total):
+            shown = time.time()
+            percent = f"{100 * done / total:3.0f}%" if total else ""
+            print(f"\r{desc} {percent} {done}/{total or '?'} [{shown - start:.0f}s]",
+                  end="", file=sys.stderr, flush=True)
+    if show:
+        print(file=sys.stderr)
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file beside path, then rename it to path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256):
+    """Return path, downloading url there first unless a file with this SHA256 is there."""
+    path = Path(path)
+    if path.is_file():
+        if sha256_of(path) == sha256:
+            return path
+        warn(f"{path} does not match its SHA256; downloading it again")
+
+    def fetch(f):
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            chunks = iter(lambda: response.read(1 << 20), b"")
+            for chunk in progress(chunks, total, f"downloading {path.name}", weight=len):
+                f.write(chunk)
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise UserError(f"checksum mismatch for {url}: expected SHA256 {sha256}, got "
+                            f"{digest.hexdigest()}; the download is corrupt, run again")
+
+    try:
+        atomic_write(path, fetch)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"cannot download {url} ({reason}); fetch it by hand and put it "
+                        f"at {path}") from None
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: CLIP's byte-level BPE, identical in output to OpenAI's.
+
+BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode():
+    """Map every byte to a printable unicode character, so BPE can work on strings."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:  # whitespace and control bytes go to unused code points above 255
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class Tokenizer:
+    def __init__(self, bpe_path):
+        lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+        self.byte_encoder = bytes_to_unicode()
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.merge_rank = {pair: i for i, pair in enumerate(merges)}
+        self.sot, self.eot = self.encoder[SOT], self.encoder[EOT]
+        self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
+                                     r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+
+    @lru_cache(maxsize=100_000)
+    def bpe(self, word):
+        """Merge the characters of one pre-token, lowest-ranked pair first, into vocab entries."""
+        if word in (SOT, EOT):
+            return (word,)
+        parts = list(word[:-1]) + [word[-1] + "</w>"]  # </w> marks the end of a word
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(parts)
+
+    def encode(self, text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = regex.sub(r"\s+", " ", text).strip().lower()
+        ids = []
+        for word in self.pattern.findall(text):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[part] for part in self.bpe(word))
+        return ids
+
+    def tokenize(self, texts, context_length=77, truncate=False):
+        """[SOT] ids [EOT], zero-padded to context_length: a LongTensor [len(texts), context_length]."""
+        texts = [texts] if isinstance(texts, str) else texts
+        result = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.sot] + self.encode(text) + [self.eot]
+            if len(ids) > context_length:
+                if not truncate:
+                    raise ValueError(f"{text!r} is {len(ids)} tokens long, more than the context "
+                                     f"length {context_length}; shorten it or pass truncate=True")
+                ids = ids[:context_length - 1] + [self.eot]
+            result[i, :len(ids)] = torch.tensor(ids)
+        return result
+
+
+@lru_cache(maxsize=None)
+def load_tokenizer(bpe_path=None, cache_dir=DEFAULT_CACHE):
+    """The tokenizer from bpe_path, $DSPT_BPE, or the merges file fetched into cache_dir."""
+    bpe_path = bpe_path or os.environ.get("DSPT_BPE")
+    if bpe_path and not Path(bpe_path).is_file():
+        raise UserError(f"BPE merges file {bpe_path} does not exist; give the path of "
+                        f"bpe_simple_vocab_16e6.txt.gz, or leave --bpe unset to download it")
+    if not bpe_path:
+        bpe_path = download(BPE_URL, Path(cache_dir) / "bpe_simple_vocab_16e6.txt.gz", BPE_SHA256)
+    return Tokenizer(bpe_path)
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    return load_tokenizer().tokenize(texts, context_length, truncate)
+
+
+# -----------------------------------------------------------------------------
+# CLIP: the image and text encoders. Attribute names equal the checkpoint's keys.
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, so that it also works with fp16 weights and inputs."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            self.bias.float(), self.eps).type(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; strided blocks downsample with an average pool, not a strided conv."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * 4)),
+            ]))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu3(out + identity)
+
+
+def split_heads(x, heads):
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # N L D -> N heads L D/heads
+
+
+def merge_heads(x):
+    return x.transpose(1, 2).flatten(2)  # N heads L D/heads -> N L D
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling of a feature map, with the mean feature as the only query."""
+
+    def __init__(self, spacial_dim, embed_dim, heads, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.heads = heads
+
+    def forward(self, x):
+        x = x.flatten(2).transpose(1, 2)  # NCHW -> N(HW)C
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        q = split_heads(self.q_proj(x[:, :1]), self.heads)
+        k, v = split_heads(self.k_proj(x), self.heads), split_heads(self.v_proj(x), self.heads)
+        return self.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))[:, 0]
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: a 3-conv stem with an average pool, anti-aliased strides, attention pooling."""
+
+    def __init__(self, layers, output_dim, heads, input_resolution, width):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2 ** i, 1 if i == 0 else 2
+            stage = [Bottleneck(inplanes, planes, stride)]
+            stage += [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            inplanes = planes * 4
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def forward(self, x):
+        x = x.to(self.conv1.weight.dtype)
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names.
+
+    prefix_kv: keys and values [1, heads, P, D/heads] of P earlier positions that every
+    sequence in the batch shares; the queries then attend to them as well as to x.
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x, mask=None, prefix_kv=None):
+        q, k, v = (split_heads(t, self.heads) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        if prefix_kv is not None:
+            n = len(x)
+            k = torch.cat([prefix_kv[0].expand(n, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix_kv[1].expand(n, -1, -1, -1), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(merge_heads(out)), (k, v)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x, mask=None, prefix_kv=None):
+        """x: [N, L, D] -> ([N, L, D], this layer's keys and values)."""
+        attended, kv = self.attn(self.ln_1(x), mask, prefix_kv)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), kv
+
+
+def causal_mask(length, offset=0, device=None):
+    """[length, offset + length] bool, True where query i may attend to key j: j <= i + offset."""
+    return torch.ones(length, offset + length, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, mask=None):
+        for block in self.resblocks:
+            x, _ = block(x, mask)
+        return x
+
+    def forward_shared_prefix(self, prefix, suffix):
+        """The causal transformer on C sequences that all begin with the same P positions.
+
+        prefix: [1, P, D], suffix: [C, S, D] -> the suffixes' outputs [C, S, D], equal to
+        running the C full sequences [prefix; suffix_c]. Exact because the mask is causal:
+        position i sees only positions <= i, so the prefix's hidden states (and with them
+        its keys and values in every layer) do not depend on the suffix and are the same for
+        every class. They are computed once; each suffix attends to them.
+        """
+        prefix_mask = causal_mask(prefix.shape[1], device=prefix.device)
+        suffix_mask = causal_mask(suffix.shape[1], offset=prefix.shape[1], device=prefix.device)
+        for block in self.resblocks:
+            prefix, prefix_kv = block(prefix, prefix_mask)
+            suffix, _ = block(suffix, suffix_mask, prefix_kv)
+        return suffix
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # NCHW -> N(HW)C
+        class_token = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)
+        x = torch.cat([class_token, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+        super().__init__()
+        if isinstance(vision_layers, (tuple, list)):
+            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
+                                         image_resolution, vision_width)
+        else:
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                            vision_layers, vision_width // 64, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
+
+    def encode_image(self, image):
+        return self.visual(image)
+
+    def encode_text(self, tokens):
+        """Token ids [N, context_length] -> text features [N, embed_dim]."""
+        eot = tokens.argmax(dim=-1)  # EOT has the largest id
+        length = int(eot.max()) + 1  # positions after the last EOT cannot affect it (causal mask)
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
+        x = self.transformer(x, causal_mask(length, device=x.device))
+        return self.ln_final(x[torch.arange(len(x)), eot]) @ self.text_projection
+
+    def logits(self, image_features, text_features):
+        """Scaled cosine similarities [N_images, N_texts], computed in fp32."""
+        image_features = F.normalize(image_features.float(), dim=-1)
+        text_features = F.normalize(text_features.float(), dim=-1)
+        return self.logit_scale.exp().float() * image_features @ text_features.T
+
+
+# -----------------------------------------------------------------------------
+# Loading weights: the official checkpoints by name, or a checkpoint file by path.
+
+MODELS = {
+    "RN50": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+MODEL_URL = "https://openaipublic.azureedge.net/clip/models/"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def count_blocks(state_dict, prefix):
+    return len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
+
+
+def build_model(state_dict):
+    """A CLIP whose architecture is read off the state dict's shapes, with those weights."""
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in ("input_resolution", "context_length", "vocab_size")}
+    if "visual.proj" in state_dict:  # ViT
+        vision_width = state_dict["visual.conv1.weight"].shape[0]
+        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
+        vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
+        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        image_resolution = vision_patch_size * grid
+    else:  # ModifiedResNet
+        vision_layers = tuple(count_blocks(state_dict, f"visual.layer{b}") for b in (1, 2, 3, 4))
+        vision_width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_patch_size, image_resolution = None, grid * 32
+    transformer_width = state_dict["ln_final.weight"].shape[0]
+    model = CLIP(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=image_resolution, vision_layers=vision_layers,
+        vision_width=vision_width, vision_patch_size=vision_patch_size,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width, transformer_heads=transformer_width // 64,
+        transformer_layers=count_blocks(state_dict, "transformer.resblocks"),
+    )
+    model.load_state_dict(state_dict)
+    return model
+
+
+def read_state_dict(path):
+    """The state dict of a TorchScript archive (the official format) or a plain state-dict file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+            return torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:
+        pass
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path}: it is neither a TorchScript archive nor a "
+                        f"state-dict file ({str(e).splitlines()[0]})") from None
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict
+
+
+def image_transform(resolution, augment=False):
+    """CLIP's preprocessing; with augment, CoOp's random resized crop and flip instead."""
+    if augment:
+        geometry = [transforms.RandomResizedCrop(resolution, scale=(0.08, 1.0),
+                                                 interpolation=transforms.InterpolationMode.BICUBIC),
+                    transforms.RandomHorizontalFlip()]
+    else:
+        geometry = [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+                    transforms.CenterCrop(resolution)]
+    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def load_clip(name_or_path, device="cpu", cache_dir=DEFAULT_CACHE):
+    """(model, preprocess): CLIP frozen in eval mode in fp32, and its image preprocessing."""
+    if name_or_path in MODELS:
+        digest_and_file = MODELS[name_or_path]
+        path = download(MODEL_URL + digest_and_file, Path(cache_dir) / digest_and_file.split("/")[1],
+                        sha256=digest_and_file.split("/")[0])
+    elif Path(name_or_path).is_file():
+        path = name_or_path
+    else:
+        raise UserError(f"unknown backbone {name_or_path!r}: use one of {', '.join(MODELS)} "
+                        f"or the path of a checkpoint file")
+    state_dict = read_state_dict(path)
+    try:
+        model = build_model(state_dict)
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{path} is not a CLIP checkpoint ({str(e).splitlines()[0]})") from None
+    model = model.float().to(device).eval().requires_grad_(False)
+    return model, image_transform(model.visual.input_resolution)
+
+
+# -----------------------------------------------------------------------------
+# Data: Caltech101 in CoOp's or torchvision's layout, or any folder of class folders.
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+CALTECH_DROPPED = {"BACKGROUND_Google", "Faces_easy"}
+CALTECH_RENAMED = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+
+
+def class_folders(root):
+    return sorted(d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def images_in(folder):
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def split_per_class(items, num_classes, seed, fractions=(0.5, 0.2)):
+    """Seeded per-class split into train, val and test: 50%, 20% and the remaining 30%."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in range(num_classes):
+        members = [items[i] for i in rng.permutation(len(items)) if items[i][1] == c]
+        n_train = round(fractions[0] * len(members))
+        n_val = round(fractions[1] * len(members))
+        train += members[:n_train]
+        test += members[n_train + n_val:]
+    return train, test
+
+
+def load_caltech101(root, images_root, seed):
+    """CoOp's Caltech101: 100 classes, CoOp's names; its fixed split file if it is there."""
+    folders = [d for d in class_folders(images_root) if d.name not in CALTECH_DROPPED]
+    classnames = [CALTECH_RENAMED.get(d.name, d.name).replace("_", " ") for d in folders]
+    for split_file in (Path(root) / "split_zhou_Caltech101.json", images_root.parent / "split_zhou_Caltech101.json"):
+        if split_file.is_file():
+            split = json.loads(split_file.read_text())
+            def items(name):
+                return [(images_root / path, int(label)) for path, label, _ in split[name]]
+            return classnames, items("train"), items("test")
+    items = [(p, c) for c, d in enumerate(folders) for p in images_in(d)]
+    return classnames, *split_per_class(items, len(folders), seed)
+
+
+def load_image_folder(root, seed):
+    """A folder of class folders, or train/ and test/ folders of class folders."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        folders = class_folders(root / "train")
+        names = [d.name for d in folders]
+        if [d.name for d in class_folders(root / "test")] != names:
+            raise UserError(f"{root}/train and {root}/test must hold the same class folders")
+        train = [(p, c) for c, d in enumerate(folders) for p in images_in(d)]
+        test = [(p, c) for c, name in enumerate(names) for p in images_in(root / "test" / name)]
+    else:
+        folders = class_folders(root)
+        names = [d.name for d in folders]
+        train, test = split_per_class([(p, c) for c, d in enumerate(folders) for p in images_in(d)],
+                                      len(folders), seed)
+    return [name.replace("_", " ") for name in names], train, test
+
+
+def load_dataset(root, seed, download=False):
+    """(classnames, train items, test items); an item is (image path, label)."""
+    root = Path(root)
+    if download and not root.exists():
+        download_caltech101(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist; give an existing folder, or add "
+                        f"--download to fetch Caltech101 into it")
+    for images_root in (root / "101_ObjectCategories", root / "caltech101" / "101_ObjectCategories"):
+        if images_root.is_dir():
+            classnames, train, test = load_caltech101(root, images_root, seed)
+            break
+    else:
+        classnames, train, test = load_image_folder(root, seed)
+    if len(classnames) < 2 or not train or not test:
+        raise UserError(f"data folder {root} holds no usable dataset: it needs at least two "
+                        f"class folders of images (see --help for the layouts)")
+    return classnames, train, test
+
+
+def download_caltech101(root):
+    from torchvision.datasets import Caltech101
+    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None, prefix=f".{root.name}."))
+    try:
+        Caltech101(str(tmp), download=True)
+        os.replace(tmp, root)
+    except Exception as e:
+        raise UserError(f"cannot download Caltech101 ({str(e).splitlines()[0]}); fetch it by "
+                        f"hand and unpack it so that {root}/101_ObjectCategories exists") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_image(path):
+    """The image as RGB, or None if it cannot be read or decoded."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def sample_few_shot(items, num_classes, shots, seed):
+    """Up to `shots` readable images per class, chosen at random; returns (items, n_unreadable)."""
+    rng = np.random.default_rng(seed)
+    chosen, unreadable = [], 0
+    for c in range(num_classes):
+        members = [item for item in items if item[1] == c]
+        found = []
+        for i in rng.permutation(len(members)):
+            if len(found) == shots:
+                break
+            if read_image(members[i][0]) is None:
+                unreadable += 1
+            else:
+                found.append(members[i])
+        if len(found) < shots:
+            warn(f"class {c} has only {len(found)} readable training images, fewer than "
+                 f"--shots {shots}; using those")
+        chosen += found
+    return chosen, unreadable
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image, label, index); an unreadable image gives None and is dropped by collate()."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        image = read_image(path)
+        return None if image is None else (self.transform(image), label, index)
+
+
+def collate(batch):
+    kept = [sample for sample in batch if sample is not None]
+    images, labels, indices = zip(*kept) if kept else ([], [], [])
+    return (torch.stack(images) if kept else None, torch.tensor(labels),
+            torch.tensor(indices), len(batch) - len(kept))
+
+
+# -----------------------------------------------------------------------------
+# Label noise: the K-shot training labels are corrupted; test labels stay clean.
+
+def inject_label_noise(labels, num_classes, rate, kind="sym", seed=0):
+    """Noisy copy of labels: in each class c exactly round(rate * n_c) samples get a wrong label.
+
+    kind "sym": the wrong label is a uniformly random other class; "pair": y -> (y + 1) mod C.
+    Deterministic for a seed. Returns an int64 numpy array; the input is left unchanged.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"noise rate {rate} is outside [0, 1)")
+    if kind not in ("sym", "pair"):
+        raise ValueError(f"noise kind {kind!r} is not 'sym' or 'pair'")
+    labels = np.asarray(labels, dtype=np.int64)
+    noisy, rng = labels.copy(), np.random.default_rng(seed)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        flipped = rng.choice(members, size=round(rate * len(members)), replace=False)
+        shift = rng.integers(1, num_classes, size=len(flipped)) if kind == "sym" else 1
+        noisy[flipped] = (c + shift) % num_classes
+    return noisy
+
+
+# -----------------------------------------------------------------------------
+# Prompt learner (CoOp): "[SOT] ctx_1 .. ctx_n <class name> . [EOT]" with learned ctx.
+
+class PromptLearner(nn.Module):
+    """Context vectors shared by all classes, and the text features of the prompts they make.
+
+    Only `ctx` is trained; `clip` stays frozen. The context starts as N(0, 0.02) noise, or
+    as the word embeddings of ctx_init (then n_ctx is its number of tokens).
+    """
+
+    def __init__(self, clip, classnames, tokenizer, n_ctx=16, ctx_init=None):
+        super().__init__()
+        self.clip = clip
+        embed = clip.token_embedding
+        if ctx_init:
+            init_tokens = tokenizer.tokenize(ctx_init)[0]
+            n_ctx = int(init_tokens.argmax()) - 1
+            with torch.no_grad():
+                ctx = embed(init_tokens[1:1 + n_ctx].to(embed.weight.device)).float()
+        else:
+            ctx = torch.randn(n_ctx, embed.embedding_dim, device=embed.weight.device) * 0.02
+        self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
+        # Every "x" stands for one context vector; its embedding is replaced by ctx.
+        prompts = [" ".join(["x"] * n_ctx) + f" {name}." for name in classnames]
+        try:
+            tokens = tokenizer.tokenize(prompts, clip.positional_embedding.shape[0])
+        except ValueError as e:
+            raise UserError(f"a prompt does not fit: {e}") from None
+        tokens = tokens.to(embed.weight.device)
+        eot = tokens.argmax(dim=-1)
+        with torch.no_grad():  # positions after the last EOT cannot affect it: drop them
+            embedded = embed(tokens[:, :int(eot.max()) + 1])
+        self.register_buffer("sot_embedding", embedded[:1, :1])  # [1, 1, D]
+        self.register_buffer("suffix_embedding", embedded[:, 1 + n_ctx:])  # [C, S, D]: name . EOT
+        self.register_buffer("suffix_eot", eot - 1 - n_ctx)
+
+    def text_features(self):
+        """[C, embed_dim], differentiable with respect to ctx."""
+        clip, n_prefix = self.clip, 1 + len(self.ctx)
+        positions = clip.positional_embedding
+        prefix = torch.cat([self.sot_embedding, self.ctx.to(positions.dtype)[None]], dim=1) + positions[:n_prefix]
+        suffix = self.suffix_embedding + positions[n_prefix:n_prefix + self.suffix_embedding.shape[1]]
+        hidden = clip.transformer.forward_shared_prefix(prefix, suffix)
+        return clip.ln_final(hidden[torch.arange(len(hidden)), self.suffix_eot]) @ clip.text_projection
+
+
+# -----------------------------------------------------------------------------
+# Losses. Each maps logits [N, C] and labels [N] to the mean loss over the batch.
+
+def double_softmax_loss(logits, target):
+    r"""Double-softmax cross-entropy, the DSPT loss (mean over the batch).
+
+        p = softmax(z),   q = softmax(p),   L(z, y) = -log q_y = -p_y + log sum_j exp(p_j)
+
+        dL/dz = J (q - e_y),   J = diag(p) - p p^T   (the Jacobian of the first softmax)
+
+    Cross-entropy of the class probabilities rather than of the logits. Its gradient passes
+    through J, which is positive semi-definite with ||J|| <= trace J = 1 - |p|^2 <= 1 - max_k p_k^2:
+    it vanishes whenever the prediction is confident about any class. A mislabelled sample that
+    CLIP confidently assigns to its true class therefore barely moves the prompt, whereas
+    cross-entropy's gradient p - e_y is largest exactly there. Computed in fp32.
+    """
+    return F.cross_entropy(logits.float().softmax(dim=-1), target)
+
+
+def cross_entropy_loss(logits, target):
+    return F.cross_entropy(logits.float(), target)
+
+
+def generalized_cross_entropy_loss(logits, target, q=0.5):
+    """GCE (Zhang & Sabuncu 2018), (1 - p_y^q) / q: cross-entropy as q -> 0, MAE at q = 1."""
+    log_p_y = logits.float().log_softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
+    return ((1 - torch.exp(q * log_p_y)) / q).mean()
+
+
+def mean_absolute_error_loss(logits, target):
+    """MAE between the probabilities and the one-hot label, up to a factor 2: 1 - p_y."""
+    return (1 - logits.float().softmax(dim=-1).gather(1, target[:, None]).squeeze(1)).mean()
+
+
+LOSSES = {"dspt": double_softmax_loss, "ce": cross_entropy_loss,
+          "gce": generalized_cross_entropy_loss, "mae": mean_absolute_error_loss}
+
+
+# -----------------------------------------------------------------------------
+# Training and evaluation.
+
+@torch.no_grad()
+def encode_images(clip, items, transform, args, desc):
+    """(features [N, embed_dim] fp32, indices of the items they belong to, n_unreadable)."""
+    loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=args.batch_size,
+                                         num_workers=args.workers, collate_fn=collate)
+    features, indices, unreadable = [], [], 0
+    for images, _, index, bad in progress(loader, len(loader), desc):
+        unreadable += bad
+        if images is not None:
+            with autocast(args):
+                features.append(clip.encode_image(images.to(args.device, args.dtype)).float())
+            indices.append(index)
+    if not features:
+        raise UserError(f"none of the {len(items)} images for {desc} could be read")
+    return torch.cat(features), torch.cat(indices), unreadable
+
+
+def autocast(args):
+    return torch.autocast("cuda", dtype=torch.float16, enabled=args.precision == "amp")
+
+
+def learning_rate(epoch, args):
+    """CoOp's schedule: one warm-up epoch at 1e-5, then cosine decay from args.lr."""
+    return 1e-5 if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+
+
+def per_sample_gradient_norms(loss_fn, logits, target):
+    """||dL_i/dz_i|| for each sample: the mean loss times N is the sum of per-sample losses."""
+    logits = logits.detach().float().requires_grad_()
+    (grad,) = torch.autograd.grad(loss_fn(logits, target) * len(target), logits)
+    return grad.norm(dim=-1)
+
+
+def accuracy(logits, labels):
+    return (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def train(learner, items, labels, noisy, loss_fn, args, step_loss=None):
+    """Tune learner.ctx on items with the given (partly wrong) labels; noisy marks the wrong ones.
+
+    Returns the per-epoch history. Without augmentation the images' features never change,
+    so they are encoded once and the epochs train on them. step_loss(image_features, target,
+    index, epoch) -> (logits, loss) replaces the plain loss_fn(logits, target) for methods
+    that need more than the logits (baselines.py); loss_fn still gives the gradient diagnostics.
+    """
+    clip = learner.clip
+
+    def plain_loss(image_features, target, index, epoch):
+        logits = clip.logits(image_features, learner.text_features())
+        return logits, loss_fn(logits, target)
+
+    step_loss = step_loss or plain_loss
+    optimizer = torch.optim.SGD([learner.ctx], lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "amp")
+    generator = torch.Generator().manual_seed(args.seed)
+    batch_size = min(args.batch_size, len(items))
+    if args.no_augment:
+        features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution),
+                                          args, "encoding training images")
+        batches = lambda: ((features[i], None, kept[i], 0) for i in
+                           torch.randperm(len(kept), generator=generator).split(batch_size) if len(i) == batch_size)
+        steps = len(kept) // batch_size
+    else:
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(items, image_transform(clip.visual.input_resolution, augment=True)),
+            batch_size=batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+            collate_fn=collate, generator=generator)
+        batches = lambda: ((None, images, index, 0) for images, _, index, _ in loader)
+        steps = len(loader)
+    history = []
+    for epoch in range(args.epochs):
+        start, lr = time.time(), learning_rate(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses, correct, norms, is_noisy = [], [], [], []
+        for image_features, images, index, _ in progress(batches(), steps, f"epoch {epoch + 1}"):
+            target = labels[index].to(args.device)
+            with autocast(args):
+                if image_features is None:
+                    with torch.no_grad():
+                        image_features = clip.encode_image(images.to(args.device, args.dtype))
+                logits, loss = step_loss(image_features, target, index, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            correct.append((logits.argmax(dim=-1) == target).cpu())
+            norms.append(per_sample_gradient_norms(loss_fn, logits, target).cpu())
+            is_noisy.append(noisy[index])
+        correct, norms, is_noisy = torch.cat(correct), torch.cat(norms), torch.cat(is_noisy)
+        history.append({
+            "epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr,
+            "train_accuracy_clean": mean_or_none(correct[~is_noisy]),  # against the given labels:
+            "train_accuracy_noisy": mean_or_none(correct[is_noisy]),   # here that is memorisation
+            "grad_norm_clean": mean_or_none(norms[~is_noisy]),
+            "grad_norm_noisy": mean_or_none(norms[is_noisy]),
+            "seconds": time.time() - start,
+        })
+        print(format_epoch(history[-1], args.epochs), flush=True)
+    return history
+
+
+def mean_or_none(values):
+    return values.float().mean().item() if len(values) else None
+
+
+def format_epoch(record, epochs):
+    def value(key, spec):
+        return "-" if record[key] is None else format(record[key], spec)
+    return (f"epoch {record['epoch']:3d}/{epochs}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"train acc clean {value('train_accuracy_clean', '6.1%')} noisy {value('train_accuracy_noisy', '6.1%')}  "
+            f"|dL/dz| clean {value('grad_norm_clean', '.4f')} noisy {value('grad_norm_noisy', '.4f')}  "
+            f"{record['seconds']:.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# main: few-shot sampling, label noise, zero-shot accuracy, prompt tuning, test accuracy.
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Data layouts for --data: (a) Caltech101 as CoOp has it, DIR/101_ObjectCategories, with "
+               "DIR/split_zhou_Caltech101.json used if present (else a seeded 50/20/30 split per class); "
+               "(b) torchvision's Caltech101, DIR/caltech101/101_ObjectCategories; (c) any folder of class "
+               "folders of images (split 50/20/30 per class), or DIR/train and DIR/test folders of class folders.")
+    add = parser.add_argument
+    add("--data", required=True, metavar="DIR", help="dataset folder (layouts below)")
+    add("--download", action="store_true", help="download Caltech101 into DIR if DIR does not exist")
+    add("--backbone", default="RN50", help=f"CLIP model: one of {', '.join(MODELS)}, or a checkpoint path")
+    add("--cache-dir", default=DEFAULT_CACHE, help="where downloads are kept (env DSPT_CACHE)")
+    add("--bpe", default=None, metavar="PATH",
+        help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (env DSPT_BPE); by default downloaded into --cache-dir")
+    add("--shots", type=int, default=16, help="training images per class")
+    add("--noise", type=float, default=0.0, help="fraction of wrong training labels in each class, in [0, 1)")
+    add("--noise-kind", choices=["sym", "pair"], default="sym",
+        help="sym: a random other class; pair: class y becomes y + 1")
+    add("--loss", choices=list(LOSSES), default="dspt", help="training loss")
+    add("--n-ctx", type=int, default=16, help="number of learned context vectors")
+    add("--ctx-init", default="", help='initialise the context from these words, e.g. "a photo of a" '
+                                       "(overrides --n-ctx); by default from N(0, 0.02)")
+    add("--template", default="a photo of a {}.", help="zero-shot prompt; {} is the class name")
+    add("--epochs", type=int, default=50, help="training epochs, the first a warm-up at lr 1e-5")
+    add("--batch-size", type=int, default=32, help="images per step")
+    add("--lr", type=float, default=0.002, help="peak learning rate of SGD (cosine schedule)")
+    add("--no-augment", action="store_true",
+        help="train on fixed center crops, encoding the training images once: much faster, but not "
+             "CoOp's protocol, which augments with random resized crops and flips (the default)")
+    add("--precision", choices=["fp32", "fp16", "bf16", "amp"], default=None,
+        help="fp16/bf16: frozen CLIP in that type; amp: fp32 weights with fp16 autocast. "
+             "Default: amp on CUDA, fp32 on CPU")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
+    add("--seed", type=int, default=1, help="seed for few-shot sampling, label noise, context and order")
+    add("--out", default=None, metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-...)")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if not 0 <= args.noise < 1:
+        raise UserError(f"--noise {args.noise} is outside [0, 1); give a fraction such as 0.5")
+    for name in ("shots", "n_ctx", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if "{}" not in args.template:
+        raise UserError(f"--template {args.template!r} has no {{}} where the class name goes")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
+        raise UserError(f"--precision {args.precision} needs a CUDA device; use fp32 or bf16 on the CPU")
+    args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
+    if args.out is None:
+        backbone = Path(args.backbone).stem if Path(args.backbone).is_file() else args.backbone.replace("/", "-")
+        args.out = (f"runs/{Path(args.data).resolve().name}-{backbone}-{args.loss}-{args.noise_kind}{args.noise:g}"
+                    f"-{args.shots}shot-seed{args.seed}")
+
+
+def run(args):
+    check_args(args)
+    torch.manual_seed(args.seed)
+    classnames, train_items, test_items = load_dataset(args.data, args.seed, args.download)
+    tokenizer = load_tokenizer(args.bpe, args.cache_dir)
+    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
+    clip.to(args.dtype)
+
+    train_items, unreadable = sample_few_shot(train_items, len(classnames), args.shots, args.seed)
+    clean = np.array([label for _, label in train_items])
+    given = inject_label_noise(clean, len(classnames), args.noise, args.noise_kind, args.seed)
+    noisy = torch.from_numpy(given != clean)
+    print(f"{len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
+          f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
+
+    # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
+    test_features, kept, unreadable_test = encode_images(clip, test_items, preprocess, args, "encoding test images")
+    test_labels = torch.tensor([test_items[i][1] for i in kept.tolist()], device=args.device)
+    with torch.no_grad(), autocast(args):
+        template_features = clip.encode_text(tokenizer.tokenize(
+            [args.template.format(name) for name in classnames]).to(args.device))
+    zero_shot = accuracy(clip.logits(test_features, template_features), test_labels)
+    print(f"zero-shot test accuracy {zero_shot:.2%}")
+
+    learner = PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+    history = train(learner, train_items, torch.from_numpy(given), noisy, LOSSES[args.loss], args)
+    with torch.no_grad(), autocast(args):
+        final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
+    print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
+
+    metrics = {
+        "args": {k: v for k, v in vars(args).items() if k != "dtype"},
+        "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
+        "unreadable_images": unreadable + unreadable_test,
+        "noise_rate": noisy.float().mean().item(),
+        "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
+    }
+    out = Path(args.out)
+    atomic_write(out / "prompt.pt", lambda f: torch.save({
+        "ctx": learner.ctx.detach().cpu(), "classnames": classnames, "backbone": args.backbone}, f))
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    print(f"wrote {out / 'metrics.json'} and {out / 'prompt.pt'}")
+    return metrics
+
+
+def main(argv=None):
+    """Train and evaluate; returns the metrics. A user error exits with one line and status 1."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"dspt: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
