@@ -129,17 +129,12 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 
 def bytes_to_unicode():
-    """Map every byte to a printable unicode character, so BPE can work on strings."""
+    """Map every byte to a printable character, so BPE can work on strings. The printable
+    bytes map to themselves and come first; the order is the vocabulary's order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:  # whitespace and control bytes go to unused code points above 255
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    others = [b for b in range(256) if b not in printable]  # whitespace and control bytes
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 class Tokenizer:

@@ -1,0 +1,263 @@
+"""
+Speed of one prompt-tuning step: CoOp's straightforward text encoding against dspt.py's.
+
+A training step encodes a batch of images (frozen, no gradient), encodes every class's
+prompt with the learned context, takes the double-softmax loss, back-propagates to the
+context and makes an SGD step. The step is timed, and separately its two parts, for
+
+    (a) full:      every class's whole 77-token prompt through the text transformer, as CoOp does;
+    (b) truncated: the same, cut after the last EOT (later positions cannot affect it);
+    (c) dspt:      dspt.PromptLearner, which also runs the prefix "[SOT] ctx" shared by all
+                   classes once (Transformer.forward_shared_prefix).
+
+The models are CLIP's real RN50 and ViT-B/32 architectures with random weights; the class
+names are Caltech101's. Before timing, (a), (b) and (c) must give the same logits and the
+same context gradient. Each variant is timed in a fresh process, so that its peak memory is
+its own: after one warm-up step, --reps steps; the table gives medians.
+
+    python bench/speed.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
+    python bench/speed.py --backbones RN50 --variants a c --reps 3
+"""
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dspt  # noqa: E402
+
+TEXT = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+CONFIGS = {
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, **TEXT),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, **TEXT),
+}
+VARIANTS = {"a": "(a) full 77 tokens", "b": "(b) cut after EOT", "c": "(c) dspt.py"}
+CALTECH101 = [
+    "face", "leopard", "motorbike", "accordion", "airplane", "anchor", "ant", "barrel", "bass", "beaver",
+    "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car side",
+    "ceiling fan", "cellphone", "chair", "chandelier", "cougar body", "cougar face", "crab", "crayfish",
+    "crocodile", "crocodile head", "cup", "dalmatian", "dollar bill", "dolphin", "dragonfly",
+    "electric guitar", "elephant", "emu", "euphonium", "ewer", "ferry", "flamingo", "flamingo head",
+    "garfield", "gerenuk", "gramophone", "grand piano", "hawksbill", "headphone", "hedgehog", "helicopter",
+    "ibis", "inline skate", "joshua tree", "kangaroo", "ketch", "lamp", "laptop", "llama", "lobster",
+    "lotus", "mandolin", "mayfly", "menorah", "metronome", "minaret", "nautilus", "octopus", "okapi",
+    "pagoda", "panda", "pigeon", "pizza", "platypus", "pyramid", "revolver", "rhino", "rooster",
+    "saxophone", "schooner", "scissors", "scorpion", "sea horse", "snoopy", "soccer ball", "stapler",
+    "starfish", "stegosaurus", "stop sign", "strawberry", "sunflower", "tick", "trilobite", "umbrella",
+    "watch", "water lilly", "wheelchair", "wild cat", "windsor chair", "wrench", "yin yang",
+]
+N_CTX = 16
+
+
+class CoOpPrompts(nn.Module):
+    """CoOp's text side written out: "[SOT] ctx_1 .. ctx_n name . [EOT]" built for every class
+    and run whole through the transformer. truncate: only up to the last EOT, not all 77 positions."""
+
+    def __init__(self, clip, classnames, tokenizer, truncate):
+        super().__init__()
+        self.clip = clip
+        tokens = tokenizer.tokenize([" ".join(["x"] * N_CTX) + f" {name}." for name in classnames])
+        tokens = tokens.to(clip.positional_embedding.device)
+        self.register_buffer("eot", tokens.argmax(dim=-1))
+        self.length = int(self.eot.max()) + 1 if truncate else tokens.shape[1]
+        with torch.no_grad():
+            embedded = clip.token_embedding(tokens[:, :self.length])
+        self.register_buffer("sot_embedding", embedded[:, :1])  # [C, 1, D]
+        self.register_buffer("suffix_embedding", embedded[:, 1 + N_CTX:])  # [C, length - 1 - n_ctx, D]
+        self.ctx = nn.Parameter(torch.randn(N_CTX, embedded.shape[-1], device=tokens.device) * 0.02)
+
+    def text_features(self):
+        clip, positions = self.clip, self.clip.positional_embedding
+        ctx = self.ctx.to(positions.dtype).expand(len(self.eot), -1, -1)
+        x = torch.cat([self.sot_embedding, ctx, self.suffix_embedding], dim=1) + positions[:self.length]
+        x = clip.transformer(x, dspt.causal_mask(self.length, device=x.device))
+        return clip.ln_final(x[torch.arange(len(x)), self.eot]) @ clip.text_projection
+
+
+def build_clip(backbone, args, dtype):
+    """CLIP of this architecture with random weights (the same on every call), frozen."""
+    torch.manual_seed(0)
+    return dspt.CLIP(**CONFIGS[backbone]).requires_grad_(False).eval().to(args.device, dtype)
+
+
+def build_prompts(clip, variant, args):
+    classnames, tokenizer = CALTECH101[:args.classes], dspt.load_tokenizer(args.bpe)
+    if variant == "c":
+        return dspt.PromptLearner(clip, classnames, tokenizer, n_ctx=N_CTX)
+    return CoOpPrompts(clip, classnames, tokenizer, truncate=variant == "b")
+
+
+def text_tokens(prompts):
+    """Positions the text transformer processes per step."""
+    if isinstance(prompts, CoOpPrompts):
+        return len(prompts.eot) * prompts.length
+    return 1 + N_CTX + prompts.suffix_embedding.shape[0] * prompts.suffix_embedding.shape[1]
+
+
+def check_equivalence(backbone, args):
+    """(a), (b) and (c) give the same logits (1e-5 absolute) and context gradient (1e-5 relative), in fp32."""
+    clip = build_clip(backbone, args, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(args.batch, 3, 224, 224, generator=generator).to(args.device)
+    target = torch.randint(args.classes, (args.batch,), generator=generator).to(args.device)
+    with torch.no_grad():
+        image_features = clip.encode_image(images)
+    results = {}
+    for variant in "abc":
+        prompts = build_prompts(clip, variant, args)
+        if variant == "a":
+            ctx = prompts.ctx.detach().clone()
+        prompts.ctx.data.copy_(ctx)
+        logits = clip.logits(image_features, prompts.text_features())
+        (grad,) = torch.autograd.grad(dspt.double_softmax_loss(logits, target), prompts.ctx)
+        results[variant] = logits.detach(), grad
+    for variant in "bc":
+        logit_error = (results[variant][0] - results["a"][0]).abs().max().item()
+        grad_error = ((results[variant][1] - results["a"][1]).norm() / results["a"][1].norm()).item()
+        assert logit_error < 1e-5 and grad_error < 1e-5, (
+            f"{backbone} ({variant}) differs from (a): logits by {logit_error:.2e}, gradient by {grad_error:.2e}")
+        print(f"{backbone}: ({variant}) matches (a): max |logit difference| {logit_error:.1e}, "
+              f"relative gradient difference {grad_error:.1e}", flush=True)
+
+
+def current_rss():
+    """Resident memory of this process now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(backbone, variant, args):
+    """Run in a fresh process: median seconds of the step and its parts, and peak memory."""
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
+    clip = build_clip(backbone, args, dtype)
+    prompts = build_prompts(clip, variant, args)
+    optimizer = torch.optim.SGD([prompts.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)  # as dspt.train
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "amp")
+    images = torch.randn(args.batch, 3, 224, 224).to(args.device, dtype)
+    target = torch.randint(args.classes, (args.batch,)).to(args.device)
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def step():  # dspt.train's step, without its diagnostics
+        start = now()
+        with dspt.autocast(args), torch.no_grad():
+            image_features = clip.encode_image(images)
+        middle = now()
+        with dspt.autocast(args):
+            loss = dspt.double_softmax_loss(clip.logits(image_features, prompts.text_features()), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        end = now()
+        return end - start, middle - start, end - middle
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = current_rss()
+    step()  # warm-up
+    times = [step() for _ in range(args.reps)]
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:  # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step_s, image_s, text_s = (statistics.median(column) for column in zip(*times))
+    return dict(step=step_s, image=image_s, text=text_s, peak=peak, increase=peak - before,
+                tokens=text_tokens(prompts))
+
+
+def machine(args):
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--backbones", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="CLIP architectures")
+    add("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="which text encodings to time (see the module docstring); speed-ups need a")
+    add("--classes", type=int, default=100, help=f"number of classes, 2 to {len(CALTECH101)}")
+    add("--batch", type=int, default=32, help="images per step")
+    add("--reps", type=int, default=5, help="timed steps after one warm-up step")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add("--precision", choices=["fp32", "fp16", "bf16", "amp"], default=None,
+        help="as dspt.py's --precision; default amp on CUDA, fp32 on CPU")
+    add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on the CPU")
+    add("--bpe", default=None, metavar="PATH",
+        help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (env DSPT_BPE); by default downloaded")
+    add("--skip-check", action="store_true", help="do not check first that the variants agree")
+    args = parser.parse_args(argv)
+    if not 2 <= args.classes <= len(CALTECH101):
+        parser.error(f"--classes must be between 2 and {len(CALTECH101)} (the Caltech101 names)")
+    args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
+        parser.error(f"--precision {args.precision} needs a CUDA device")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dspt.load_tokenizer(args.bpe)  # fail early if the merges file is missing
+    start = time.perf_counter()
+    print(f"machine: {machine(args)}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    for backbone in args.backbones:
+        if not args.skip_check:
+            check_equivalence(backbone, args)
+        results = {}
+        for variant in args.variants:
+            # a fresh process per variant, so that the peak memory is this variant's alone
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results[variant] = pool.submit(measure, backbone, variant, args).result()
+            r = results[variant]
+            print(f"{backbone} {VARIANTS[variant]}: step {r['step']:.3f} s (image {r['image']:.3f} s, "
+                  f"text {r['text']:.3f} s)", flush=True)
+        for variant, r in results.items():
+            base = results.get("a")
+            speedup = (f"{base['step'] / r['step']:.1f}x | {base['text'] / r['text']:.1f}x" if base else "- | -")
+            rows.append(f"| {backbone} | {VARIANTS[variant]} | {r['tokens']} | {r['step']:.3f} | {r['text']:.3f} | "
+                        f"{r['image']:.3f} | {speedup} | {r['peak'] / 2**30:.2f} | {r['increase'] / 2**30:.2f} |")
+    memory = ("peak CUDA memory allocated" if args.device.startswith("cuda")
+              else "peak resident memory (RSS) of the process that ran the variant")
+    print(f"\nmachine: {machine(args)}")
+    print(f"{args.classes} classes, batch {args.batch}, {N_CTX} context tokens, {args.precision}, "
+          f"median of {args.reps} steps after 1 warm-up; load average at the end {os.getloadavg()[0]:.2f}\n")
+    print("| backbone | variant | text tokens | step s | text s | image s | step speed-up | text speed-up "
+          "| peak mem GiB | step mem GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print(f"\ntext tokens: positions through the text transformer per step. text s: text encoding forward, "
+          f"loss, backward and SGD update; image s: image encoding (no gradient). peak mem: {memory}, "
+          f"model included; step mem: its increase over the memory held before the first step. "
+          f"Speed-ups against (a) of the same run. Total {time.perf_counter() - start:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

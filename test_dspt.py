@@ -1,0 +1,606 @@
+"""Tests for dspt.py, offline: OpenAI's own CLIP code (clip-openai) is the oracle for the model,
+the loader and the tokenizer, closed forms are the oracle for the losses, and small generated
+checkpoints and image folders drive main() end to end."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # clip imports pkg_resources, which warns
+    import clip as openai_clip
+
+# The tokenizer's merges file ships with the reference package; nothing is downloaded.
+BPE_PATH = str(Path(openai_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+os.environ["DSPT_BPE"] = BPE_PATH
+import dspt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints in the official format, from random weights of the real architectures.
+
+ARCHITECTURES = {
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32),
+}
+TEXT_TOWER = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                  transformer_layers=12)
+
+
+def random_reference_clip(name, seed=0):
+    """OpenAI's CLIP with random weights, converted to fp16 as the released files are.
+    BatchNorm statistics and scales are randomised too, so every branch of the ResNet matters."""
+    torch.manual_seed(seed)
+    model = openai_clip.model.CLIP(**ARCHITECTURES[name], **TEXT_TOWER)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        model.logit_scale.fill_(np.log(100.0))
+    openai_clip.model.convert_weights(model)
+    return model.eval()
+
+
+def save_torchscript_checkpoint(model, path):
+    """A traced archive whose state dict carries the three extra scalars of the official files."""
+    for key in ("context_length", "vocab_size"):
+        delattr(model, key)
+    for key, value in {"input_resolution": 224, "context_length": 77, "vocab_size": 49408}.items():
+        model.register_buffer(key, torch.tensor(value))
+    image = torch.randn(1, 3, 224, 224).half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow
+        traced = torch.jit.trace(model, (image, openai_clip.tokenize(["a dog"])), check_trace=False)
+        traced.save(str(path))
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def checkpoints(request, tmp_path_factory):
+    """(reference model in fp32, TorchScript file, plain state-dict file) for one architecture."""
+    folder = tmp_path_factory.mktemp(request.param.replace("/", "-"))
+    model = random_reference_clip(request.param)
+    torch.save(model.state_dict(), folder / "state_dict.pt")
+    save_torchscript_checkpoint(model, folder / "torchscript.pt")
+    reference = openai_clip.model.build_model(torch.load(folder / "state_dict.pt")).float().eval()
+    return reference, folder / "torchscript.pt", folder / "state_dict.pt"
+
+
+def assert_close(actual, expected, tolerance=1e-5):
+    """Max absolute difference, relative to the largest magnitude (at least 1), within tolerance."""
+    scale = max(1.0, expected.abs().max().item())
+    error = (actual - expected).abs().max().item() / scale
+    assert error <= tolerance, f"max difference {error:.2e} (relative to {scale:.3g}) > {tolerance}"
+
+
+# -----------------------------------------------------------------------------
+# CLIP: parity with OpenAI's implementation.
+
+@pytest.mark.parametrize("file_format", ["torchscript", "state_dict"])
+def test_clip_matches_openai_reference_within_1e5(checkpoints, file_format):
+    reference, torchscript, state_dict = checkpoints
+    model, preprocess = dspt.load_clip(str(torchscript if file_format == "torchscript" else state_dict))
+    assert model.visual.input_resolution == 224
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 224, 224)
+    texts = openai_clip.tokenize(["a photo of a dog.", "a diagram", "x" * 60, "the cat sat on the mat"])
+    with torch.no_grad():
+        assert_close(model.encode_image(images), reference.encode_image(images))
+        assert_close(model.encode_text(texts), reference.encode_text(texts))
+        logits, _ = reference(images, texts)
+        assert_close(model.logits(model.encode_image(images), model.encode_text(texts)), logits)
+
+
+def test_preprocessing_matches_openai_reference():
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 257, 3), dtype=np.uint8))
+    expected = openai_clip.clip._transform(224)(image)
+    assert torch.equal(dspt.image_transform(224)(image), expected)
+
+
+def test_build_model_infers_each_architecture(checkpoints):
+    reference, _, state_dict = checkpoints
+    model = dspt.build_model(torch.load(state_dict))
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert model.transformer.layers == 12 and model.visual.input_resolution == 224
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: ids identical to OpenAI's.
+
+def tokenizer_cases():
+    import torchvision.models as models
+    classnames = (models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"][::4]          # 250
+                  + models.video.R3D_18_Weights.KINETICS400_V1.meta["categories"][::4]   # 100
+                  + models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+    handwritten = [
+        "a photo of a dog.", "A PHOTO OF A DOG!", "Faces_easy", "BACKGROUND_Google", "yin_yang",
+        "don't", "it's", "we're", "they've", "I'm", "you'll", "he'd", "O'Neil's", "rock'n'roll",
+        "3.14159", "1,000,000", "2023-01-21", "x86_64", "version 10.2b", "R2-D2 & C-3PO",
+        "café", "naïve façade", "Ångström", "Ærøskøbing", "São Paulo", "Zürich straße", "e\u0301",
+        "東京タワー", "猫が好きです", "한국어 텍스트", "中文分词测试", "Ελληνικά", "Русский текст",
+        "مرحبا بالعالم", "עברית", "हिन्दी", "ไทย", "🐶🐱", "I ❤️ NY", "👩‍👩‍👧‍👦 family", "🇯🇵 flag",
+        "&amp;", "&lt;b&gt;bold&lt;/b&gt;", "&amp;amp;", "fish &amp; chips", "&#39;quoted&#39;", "&nbsp;x",
+        "tabs\tand\nnewlines", "  leading and trailing  ", "many     spaces", "\u00a0nbsp\u2003em space",
+        "<|startoftext|>", "<|endoftext|>", "a <|endoftext|> b", "!!!", "???", "...", "--", "@#$%^&*()",
+        "url: https://example.com/a?b=c", "email@example.com", "C++ and C#", "$100", "100%", "#hashtag",
+        "mojibake: Ã©tÃ©", "ﬁne ligature", "ＦＵＬＬＷＩＤＴＨ", "ⓒ", "½ ¾", "x²", "", " ",
+    ]
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,;:!?'\"-_()[]&éüñ中文😀\t\n")
+    random_strings = ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(100)]
+    return classnames + handwritten + random_strings
+
+
+def test_tokenizer_matches_openai_on_500_varied_strings():
+    cases = tokenizer_cases()
+    assert len(cases) >= 500
+    ours = dspt.load_tokenizer(BPE_PATH).tokenize(cases)
+    expected = openai_clip.tokenize(cases)
+    mismatches = [text for text, a, b in zip(cases, ours, expected) if not torch.equal(a, b)]
+    assert not mismatches, f"{len(mismatches)} mismatches, e.g. {mismatches[:5]}"
+
+
+def test_tokenizer_known_ids():
+    ids = dspt.tokenize("a photo of a dog.")[0]
+    assert ids[:8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
+    assert ids[8:].eq(0).all() and ids.shape == (77,)
+
+
+def test_tokenizer_long_text_raises_unless_truncated():
+    long_text = "a very long caption about many things " * 20
+    with pytest.raises(ValueError, match="context length 77"):
+        dspt.tokenize(long_text)
+    with pytest.raises(RuntimeError):
+        openai_clip.tokenize(long_text)
+    truncated = dspt.tokenize([long_text, "short"], truncate=True)
+    assert torch.equal(truncated, openai_clip.tokenize([long_text, "short"], truncate=True))
+    assert truncated[0, -1] == 49407
+
+
+def test_bpe_file_is_fetched_and_verified(tmp_path, monkeypatch):
+    monkeypatch.setattr(dspt, "BPE_URL", Path(BPE_PATH).as_uri())
+    monkeypatch.delenv("DSPT_BPE")
+    tokenizer = dspt.load_tokenizer(None, str(tmp_path))
+    assert sha256(tmp_path / "bpe_simple_vocab_16e6.txt.gz") == dspt.BPE_SHA256
+    assert tokenizer.encode("hello world") == dspt.load_tokenizer(BPE_PATH).encode("hello world")
+
+
+# -----------------------------------------------------------------------------
+# Losses: closed forms, the vanishing gradient, numerical range.
+
+def closed_forms(logits, target):
+    """Per-sample DSPT loss and dL/dz in float64: L = -p_y + log sum exp(p), dL/dz = J (q - e_y)."""
+    z = logits.double()
+    p = z.softmax(-1)
+    q = p.softmax(-1)
+    e_y = torch.nn.functional.one_hot(target, z.shape[1]).double()
+    loss = -p.gather(1, target[:, None]).squeeze(1) + torch.logsumexp(p, -1)
+    jacobian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    grad = (jacobian @ (q - e_y)[:, :, None]).squeeze(-1)
+    return loss, grad
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_double_softmax_loss_and_gradient_equal_closed_form(scale):
+    torch.manual_seed(0)
+    logits = (scale * torch.randn(64, 10)).requires_grad_()
+    target = torch.randint(0, 10, (64,))
+    loss = dspt.double_softmax_loss(logits, target)
+    loss.backward()
+    expected_loss, expected_grad = closed_forms(logits.detach(), target)
+    assert abs(loss.item() - expected_loss.mean().item()) < 1e-6
+    torch.testing.assert_close(logits.grad.double(), expected_grad / 64, rtol=1e-5, atol=1e-8)
+
+
+def test_double_softmax_loss_by_hand_for_two_classes():
+    # z = (0, 0): p = (1/2, 1/2), q = (1/2, 1/2), L = -log(1/2)
+    assert dspt.double_softmax_loss(torch.zeros(1, 2), torch.tensor([0])).item() == pytest.approx(np.log(2))
+
+
+def test_other_losses_equal_closed_forms():
+    torch.manual_seed(0)
+    logits, target = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    p_y = logits.double().softmax(-1)[torch.arange(16), target]
+    assert dspt.cross_entropy_loss(logits, target).item() == pytest.approx(-p_y.log().mean().item(), rel=1e-6)
+    assert dspt.generalized_cross_entropy_loss(logits, target).item() == pytest.approx(
+        ((1 - p_y ** 0.5) / 0.5).mean().item(), rel=1e-6)
+    assert dspt.mean_absolute_error_loss(logits, target).item() == pytest.approx((1 - p_y).mean().item(), rel=1e-6)
+
+
+def test_dspt_gradient_vanishes_for_confident_wrong_predictions():
+    # CLIP-like logits (100 x cosine): class 3 wins by a margin of 20, the label says 0.
+    logits = torch.full((1, 10), 20.0)
+    logits[0, 3] = 40.0
+    target = torch.tensor([0])
+    norms = {name: dspt.per_sample_gradient_norms(dspt.LOSSES[name], logits, target).item()
+             for name in ("dspt", "ce")}
+    assert norms["dspt"] < 1e-7
+    assert norms["ce"] > 1.41  # ~ sqrt(2), the largest possible
+
+
+def test_dspt_gradient_stays_for_uncertain_predictions():
+    logits, target = torch.zeros(1, 10), torch.tensor([0])
+    assert dspt.per_sample_gradient_norms(dspt.double_softmax_loss, logits, target).item() > 0.05
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e2, 1e3, 1e4])
+def test_losses_are_finite_for_large_and_fp16_logits(magnitude):
+    torch.manual_seed(0)
+    target = torch.randint(0, 7, (8,))
+    for dtype in (torch.float32, torch.float16):
+        logits = (magnitude * torch.randn(8, 7)).clamp(-1e4, 1e4).to(dtype).requires_grad_()
+        for name, loss_fn in dspt.LOSSES.items():
+            loss = loss_fn(logits, target)
+            (grad,) = torch.autograd.grad(loss, logits)
+            assert loss.dtype == torch.float32, name
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (name, dtype, magnitude)
+    half = (10 * torch.randn(8, 7)).half()
+    assert dspt.double_softmax_loss(half, target).item() == dspt.double_softmax_loss(half.float(), target).item()
+
+
+# -----------------------------------------------------------------------------
+# Label noise.
+
+def test_noise_flips_exactly_round_rate_n_in_each_class():
+    labels = np.repeat(np.arange(10), [16, 16, 16, 16, 16, 3, 5, 7, 9, 1])
+    for rate in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75):
+        for kind in ("sym", "pair"):
+            noisy = dspt.inject_label_noise(labels, 10, rate, kind, seed=3)
+            for c in range(10):
+                members = labels == c
+                assert (noisy[members] != c).sum() == round(rate * members.sum())
+
+
+def test_symmetric_noise_picks_other_classes_uniformly():
+    labels = np.repeat(np.arange(5), 2000)
+    noisy = dspt.inject_label_noise(labels, 5, 0.5, "sym", seed=0)
+    flipped = noisy != labels
+    for c in range(5):
+        targets = noisy[flipped & (labels == c)]
+        counts = np.bincount(targets, minlength=5)
+        assert counts[c] == 0
+        assert np.all(np.abs(counts[np.arange(5) != c] - 250) < 60)  # 1000 flips over 4 classes
+
+
+def test_pair_noise_maps_y_to_y_plus_1():
+    labels = np.repeat(np.arange(4), 16)
+    noisy = dspt.inject_label_noise(labels, 4, 0.5, "pair", seed=0)
+    flipped = noisy != labels
+    assert np.array_equal(noisy[flipped], (labels[flipped] + 1) % 4)
+
+
+def test_noise_is_deterministic_per_seed_and_leaves_input_alone():
+    labels = list(np.repeat(np.arange(8), 16))
+    first = dspt.inject_label_noise(labels, 8, 0.5, "sym", seed=1)
+    assert np.array_equal(first, dspt.inject_label_noise(labels, 8, 0.5, "sym", seed=1))
+    assert not np.array_equal(first, dspt.inject_label_noise(labels, 8, 0.5, "sym", seed=2))
+    assert labels == list(np.repeat(np.arange(8), 16))
+
+
+def test_noise_rate_zero_changes_nothing_and_bad_rates_raise():
+    labels = np.repeat(np.arange(8), 16)
+    assert np.array_equal(dspt.inject_label_noise(labels, 8, 0.0, "sym", seed=1), labels)
+    for rate in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="outside"):
+            dspt.inject_label_noise(labels, 8, rate)
+
+
+# -----------------------------------------------------------------------------
+# Prompt learner: the prompt computation against OpenAI's text transformer.
+
+def coop_text_features(reference, tokenizer, ctx, classnames):
+    """CoOp's straightforward computation with OpenAI's modules: every class's full 77-token
+    prompt, the placeholder embeddings replaced by ctx, through the whole text transformer."""
+    n_ctx = len(ctx)
+    tokens = tokenizer.tokenize([" ".join(["x"] * n_ctx) + f" {name}." for name in classnames])
+    x = reference.token_embedding(tokens)
+    x = torch.cat([x[:, :1], ctx.expand(len(classnames), -1, -1), x[:, 1 + n_ctx:]], dim=1)
+    x = x + reference.positional_embedding
+    x = reference.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD
+    x = reference.ln_final(x)
+    return x[torch.arange(len(x)), tokens.argmax(-1)] @ reference.text_projection
+
+
+CLASSNAMES = ["dog", "great white shark", "yin yang", "airplane", "crayfish", "sea horse",
+              "Windsor tie", "motorbike", "T-shirt", "ceiling fan"]
+
+
+def test_prompt_learner_equals_straightforward_coop_computation(checkpoints):
+    reference, _, state_dict = checkpoints
+    model, _ = dspt.load_clip(str(state_dict))
+    tokenizer = dspt.load_tokenizer(BPE_PATH)
+    torch.manual_seed(0)
+    learner = dspt.PromptLearner(model, CLASSNAMES, tokenizer, n_ctx=16)
+    image_features = torch.randn(8, model.text_projection.shape[1])
+    target = torch.randint(0, len(CLASSNAMES), (8,))
+
+    logits = model.logits(image_features, learner.text_features())
+    dspt.double_softmax_loss(logits, target).backward()
+
+    ctx = learner.ctx.detach().clone().requires_grad_()
+    reference.requires_grad_(False)
+    expected = model.logits(image_features, coop_text_features(reference, tokenizer, ctx, CLASSNAMES))
+    dspt.double_softmax_loss(expected, target).backward()
+
+    assert_close(logits.detach(), expected.detach())
+    relative = ((learner.ctx.grad - ctx.grad).norm() / ctx.grad.norm()).item()
+    assert relative < 1e-5, relative
+
+
+def test_prompt_learner_with_template_context_equals_zero_shot_clip(checkpoints):
+    _, _, state_dict = checkpoints
+    model, _ = dspt.load_clip(str(state_dict))
+    tokenizer = dspt.load_tokenizer(BPE_PATH)
+    learner = dspt.PromptLearner(model, CLASSNAMES, tokenizer, ctx_init="a photo of a")
+    assert learner.ctx.shape == (4, 512)
+    image_features = torch.randn(5, model.text_projection.shape[1])
+    zero_shot = model.encode_text(tokenizer.tokenize([f"a photo of a {name}." for name in CLASSNAMES]))
+    with torch.no_grad():
+        assert_close(model.logits(image_features, learner.text_features()),
+                     model.logits(image_features, zero_shot))
+
+
+def test_gradients_reach_the_context_only(tiny_checkpoint):
+    model, _ = dspt.load_clip(str(tiny_checkpoint))
+    learner = dspt.PromptLearner(model, CLASSNAMES[:3], dspt.load_tokenizer(BPE_PATH), n_ctx=4)
+    images = torch.randn(2, 3, 32, 32)
+    logits = model.logits(model.encode_image(images), learner.text_features())
+    dspt.double_softmax_loss(logits, torch.tensor([0, 2])).backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    assert [name for name, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# End to end: main() on generated image folders with a small checkpoint.
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A small ViT CLIP (32 px, 2 layers, width 64) with the real vocabulary, as a state dict."""
+    torch.manual_seed(0)
+    model = dspt.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                      vision_patch_size=8, context_length=77, vocab_size=49408,
+                      transformer_width=64, transformer_heads=1, transformer_layers=2)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def make_images(folder, count, seed, size=(40, 48)):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.jpg")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    for c, name in enumerate(["red_square", "blue circle", "green triangle"]):
+        make_images(tmp_path / "data" / name, 12, seed=c)
+    return tmp_path / "data"
+
+
+def run_main(tmp_path, data, *extra, backbone=None):
+    argv = ["--data", str(data), "--backbone", str(backbone), "--epochs", "2", "--shots", "4",
+            "--batch-size", "4", "--workers", "0", "--n-ctx", "4", "--out", str(tmp_path / "out"), *extra]
+    return dspt.main(argv)
+
+
+def test_main_trains_and_writes_metrics_and_prompt(tmp_path, image_folder, tiny_checkpoint, capsys):
+    metrics = run_main(tmp_path, image_folder, "--noise", "0.5", backbone=tiny_checkpoint)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert written["args"]["noise"] == 0.5 and written["args"]["loss"] == "dspt"
+    assert written["classnames"] == ["blue circle", "green triangle", "red square"]
+    assert written["train_images"] == 12 and written["test_images"] == 12
+    assert written["noise_rate"] == 0.5  # round(0.5 * 4) = 2 wrong labels in each class
+    assert 0 <= written["zero_shot_accuracy"] <= 1 and 0 <= written["test_accuracy"] <= 1
+    assert [record["epoch"] for record in written["history"]] == [1, 2]
+    assert written["history"][0]["lr"] == 1e-5
+    for record in written["history"]:
+        assert record["grad_norm_clean"] > 0 and record["grad_norm_noisy"] > 0
+        assert 0 <= record["train_accuracy_noisy"] <= 1
+    prompt = torch.load(tmp_path / "out" / "prompt.pt")
+    assert prompt["ctx"].shape == (4, 64) and prompt["classnames"] == written["classnames"]
+    assert prompt["backbone"] == str(tiny_checkpoint)
+    out = capsys.readouterr().out
+    assert "zero-shot test accuracy" in out and out.count("epoch ") == 2
+    assert not list((tmp_path / "out").glob("*.part"))
+
+
+@pytest.mark.parametrize("extra", [["--no-augment"], ["--precision", "bf16", "--loss", "gce"],
+                                   ["--ctx-init", "a photo of a", "--loss", "ce", "--noise-kind", "pair",
+                                    "--noise", "0.25"]])
+def test_main_options_run(tmp_path, image_folder, tiny_checkpoint, extra):
+    metrics = run_main(tmp_path, image_folder, *extra, backbone=tiny_checkpoint)
+    assert len(metrics["history"]) == 2 and (tmp_path / "out" / "prompt.pt").is_file()
+
+
+def test_no_augment_trains_on_features_encoded_once(tmp_path, image_folder, tiny_checkpoint, monkeypatch):
+    calls = []
+    original = dspt.CLIP.encode_image
+    monkeypatch.setattr(dspt.CLIP, "encode_image", lambda self, x: calls.append(len(x)) or original(self, x))
+    run_main(tmp_path, image_folder, "--no-augment", backbone=tiny_checkpoint)
+    assert sum(calls) == 12 + 12  # the test images and the training images, once each
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, str(HERE / "dspt.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    parser_flags = ["--data", "--download", "--backbone", "--cache-dir", "--bpe", "--shots", "--noise",
+                    "--noise-kind", "--loss", "--n-ctx", "--ctx-init", "--template", "--epochs",
+                    "--batch-size", "--lr", "--no-augment", "--precision", "--device", "--workers",
+                    "--seed", "--out"]
+    text = " ".join(result.stdout.split())
+    for flag in parser_flags:
+        assert flag in text
+    assert "not CoOp's protocol" in text
+
+
+# -----------------------------------------------------------------------------
+# Data layouts.
+
+def test_caltech101_coop_layout_filters_and_renames_classes(tmp_path):
+    root = tmp_path / "caltech101"
+    for name in ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "airplanes", "Motorbikes", "yin_yang"]:
+        make_images(root / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
+    classnames, train, test = dspt.load_dataset(root, seed=1)
+    assert classnames == ["face", "leopard", "motorbike", "airplane", "yin yang"]  # sorted folder order
+    assert len(train) == 5 * 5 and len(test) == 5 * 3  # 50% train, 20% val, 30% test
+    assert not {p for p, _ in train} & {p for p, _ in test}
+    assert dspt.load_dataset(root, seed=1)[1] == train and dspt.load_dataset(root, seed=2)[1] != train
+
+
+def test_caltech101_split_file_is_used_when_present(tmp_path):
+    root = tmp_path / "caltech101"
+    for name in ["accordion", "airplanes"]:
+        make_images(root / "101_ObjectCategories" / name, 4, seed=0, size=(8, 8))
+    split = {"train": [["accordion/000.jpg", 0, "accordion"], ["airplanes/001.jpg", 1, "airplane"]],
+             "val": [], "test": [["airplanes/003.jpg", 1, "airplane"]]}
+    (root / "split_zhou_Caltech101.json").write_text(json.dumps(split))
+    classnames, train, test = dspt.load_dataset(root, seed=1)
+    images = root / "101_ObjectCategories"
+    assert classnames == ["accordion", "airplane"]
+    assert train == [(images / "accordion/000.jpg", 0), (images / "airplanes/001.jpg", 1)]
+    assert test == [(images / "airplanes/003.jpg", 1)]
+
+
+def test_torchvision_caltech101_layout(tmp_path):
+    for name in ["Faces_easy", "Faces", "ant"]:
+        make_images(tmp_path / "caltech101" / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
+    classnames, train, test = dspt.load_dataset(tmp_path, seed=1)
+    assert classnames == ["face", "ant"] and len(train) == 10 and len(test) == 6
+
+
+def test_train_and_test_folders_layout(tmp_path):
+    for split, count in (("train", 5), ("test", 3)):
+        for name in ["cat", "dog"]:
+            make_images(tmp_path / split / name, count, seed=0, size=(8, 8))
+    classnames, train, test = dspt.load_dataset(tmp_path, seed=1)
+    assert classnames == ["cat", "dog"] and len(train) == 10 and len(test) == 6
+    assert all("/train/" in str(p) for p, _ in train) and all("/test/" in str(p) for p, _ in test)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line on stderr, a non-zero exit, no traceback, nothing half-written.
+
+def expect_user_error(capsys, argv, *phrases):
+    with pytest.raises(SystemExit) as exit_info:
+        dspt.main(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dspt: error: ") and "Traceback" not in "\n".join(err), err
+    for phrase in phrases:
+        assert phrase in err[-1], (phrase, err[-1])
+    return err[-1]
+
+
+def test_missing_and_empty_data_folders(tmp_path, tiny_checkpoint, capsys):
+    base = ["--backbone", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    expect_user_error(capsys, ["--data", str(tmp_path / "nope"), *base], "does not exist", "--download")
+    (tmp_path / "empty").mkdir()
+    expect_user_error(capsys, ["--data", str(tmp_path / "empty"), *base], "no usable dataset")
+    assert not (tmp_path / "out").exists()
+
+
+def test_noise_rate_outside_0_1(tmp_path, image_folder, tiny_checkpoint, capsys):
+    for rate in ("1.0", "-0.2"):
+        expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tiny_checkpoint),
+                                   "--noise", rate, "--out", str(tmp_path / "out")], "outside [0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_backbone_lists_the_valid_ones(tmp_path, image_folder, capsys):
+    line = expect_user_error(capsys, ["--data", str(image_folder), "--backbone", "ViT-Z/99",
+                                      "--out", str(tmp_path / "out")], "unknown backbone")
+    assert all(name in line for name in dspt.MODELS)
+
+
+def test_corrupt_checkpoint_file(tmp_path, image_folder, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tmp_path / "bad.pt"),
+                               "--out", str(tmp_path / "out")], "cannot read")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_checkpoint, capsys):
+    for split, count in (("train", 6), ("test", 3)):
+        for name in ["cat", "dog"]:
+            make_images(tmp_path / "data" / split / name, count, seed=0)
+        (tmp_path / "data" / split / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    metrics = run_main(tmp_path, tmp_path / "data", "--shots", "7", backbone=tiny_checkpoint)
+    assert metrics["unreadable_images"] == 2  # one among the training images, one among the test images
+    assert metrics["train_images"] == 12 and metrics["test_images"] == 6
+    assert "class 1 has only 6 readable training images" in capsys.readouterr().err
+
+
+def test_class_with_fewer_images_than_shots_uses_what_exists(tmp_path, image_folder, tiny_checkpoint, capsys):
+    metrics = run_main(tmp_path, image_folder, "--shots", "10", backbone=tiny_checkpoint)
+    assert metrics["train_images"] == 3 * 6  # 50% of 12 images per class
+    assert capsys.readouterr().err.count("dspt: warning: class") == 3
+
+
+def serve(tiny_checkpoint, folder, digest, monkeypatch):
+    """Make 'tiny' an official name with this SHA256, downloaded from a local folder."""
+    (folder / digest).mkdir(parents=True)
+    (folder / digest / "tiny.pt").write_bytes(tiny_checkpoint.read_bytes())
+    monkeypatch.setitem(dspt.MODELS, "tiny", f"{digest}/tiny.pt")
+    monkeypatch.setattr(dspt, "MODEL_URL", folder.as_uri() + "/")
+
+
+def test_official_name_is_downloaded_verified_and_cached(tmp_path, tiny_checkpoint, monkeypatch):
+    digest, cache = sha256(tiny_checkpoint), tmp_path / "cache"
+    serve(tiny_checkpoint, tmp_path / "served", digest, monkeypatch)
+    dspt.load_clip("tiny", cache_dir=str(cache))
+    assert sha256(cache / "tiny.pt") == digest
+    (cache / "tiny.pt").write_bytes(b"stale partial file")  # a mismatched cached file is replaced
+    dspt.load_clip("tiny", cache_dir=str(cache))
+    assert sha256(cache / "tiny.pt") == digest
+    assert [p.name for p in cache.iterdir()] == ["tiny.pt"]
+
+
+def test_checksum_mismatch_fails_and_leaves_no_file(tmp_path, tiny_checkpoint, image_folder, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    serve(tiny_checkpoint, tmp_path / "served", "0" * 64, monkeypatch)
+    expect_user_error(capsys, ["--data", str(image_folder), "--backbone", "tiny", "--cache-dir", str(cache),
+                               "--out", str(tmp_path / "out")], "checksum mismatch")
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_no_network_names_the_url_and_where_to_put_the_file(tmp_path, tiny_checkpoint, image_folder,
+                                                            capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    serve(tiny_checkpoint, tmp_path / "served", sha256(tiny_checkpoint), monkeypatch)
+    monkeypatch.setattr(dspt, "MODEL_URL", "http://127.0.0.1:9/clip/models/")  # nothing listens there
+    line = expect_user_error(capsys, ["--data", str(image_folder), "--backbone", "tiny", "--cache-dir",
+                                      str(cache), "--out", str(tmp_path / "out")], "cannot download")
+    assert "http://127.0.0.1:9/clip/models/" in line and str(cache / "tiny.pt") in line
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_user_errors_exit_without_traceback_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "dspt.py"), "--data", str(tmp_path / "missing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("dspt: error: ")
