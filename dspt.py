@@ -936,7 +936,6 @@ def format_epoch(record, epochs):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Data layouts for --data: (a) Caltech101 as CoOp has it, DIR/101_ObjectCategories, with "
                "DIR/split_zhou_Caltech101.json used if present (else a seeded 50/20/30 split per class); "
                "(b) torchvision's Caltech101, DIR/caltech101/101_ObjectCategories; (c) any folder of class "
@@ -944,32 +943,40 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="dataset folder (layouts below)")
     add("--download", action="store_true", help="download Caltech101 into DIR if DIR does not exist")
-    add("--backbone", default="RN50", help=f"CLIP model: one of {', '.join(MODELS)}, or a checkpoint path")
-    add("--cache-dir", default=DEFAULT_CACHE, help="where downloads are kept (env DSPT_CACHE)")
-    add("--bpe", default=None, metavar="PATH",
-        help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (env DSPT_BPE); by default downloaded into --cache-dir")
-    add("--shots", type=int, default=16, help="training images per class")
-    add("--noise", type=float, default=0.0, help="fraction of wrong training labels in each class, in [0, 1)")
+    add("--backbone", default="RN50", metavar="NAME_OR_PATH",
+        help=f"CLIP model, one of {', '.join(MODELS)}, or a checkpoint file (default %(default)s)")
+    add("--cache-dir", default=DEFAULT_CACHE, metavar="DIR",
+        help="where downloads are kept; env DSPT_CACHE (default %(default)s)")
+    add("--bpe", metavar="PATH", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz; env DSPT_BPE "
+                                      "(default: downloaded into --cache-dir)")
+    add("--shots", type=int, default=16, metavar="K", help="training images per class (default %(default)s)")
+    add("--noise", type=float, default=0.0, metavar="RATE",
+        help="fraction of wrong training labels in each class, in [0, 1) (default %(default)s)")
     add("--noise-kind", choices=["sym", "pair"], default="sym",
-        help="sym: a random other class; pair: class y becomes y + 1")
-    add("--loss", choices=list(LOSSES), default="dspt", help="training loss")
-    add("--n-ctx", type=int, default=16, help="number of learned context vectors")
-    add("--ctx-init", default="", help='initialise the context from these words, e.g. "a photo of a" '
-                                       "(overrides --n-ctx); by default from N(0, 0.02)")
-    add("--template", default="a photo of a {}.", help="zero-shot prompt; {} is the class name")
-    add("--epochs", type=int, default=50, help="training epochs, the first a warm-up at lr 1e-5")
-    add("--batch-size", type=int, default=32, help="images per step")
-    add("--lr", type=float, default=0.002, help="peak learning rate of SGD (cosine schedule)")
+        help="sym: a random other class; pair: class y becomes y + 1 (default %(default)s)")
+    add("--loss", choices=list(LOSSES), default="dspt", help="training loss (default %(default)s)")
+    add("--n-ctx", type=int, default=16, metavar="N", help="learned context vectors (default %(default)s)")
+    add("--ctx-init", default="", metavar="WORDS", help='initialise the context from these words, e.g. '
+        '"a photo of a", instead of N(0, 0.02) noise; overrides --n-ctx')
+    add("--template", default="a photo of a {}.",
+        help="zero-shot prompt, {} stands for the class name (default %(default)r)")
+    add("--epochs", type=int, default=50, metavar="N",
+        help="training epochs, the first a warm-up at lr 1e-5 (default %(default)s)")
+    add("--batch-size", type=int, default=32, metavar="N", help="images per step (default %(default)s)")
+    add("--lr", type=float, default=0.002, help="SGD learning rate before cosine decay (default %(default)s)")
     add("--no-augment", action="store_true",
         help="train on fixed center crops, encoding the training images once: much faster, but not "
              "CoOp's protocol, which augments with random resized crops and flips (the default)")
-    add("--precision", choices=["fp32", "fp16", "bf16", "amp"], default=None,
-        help="fp16/bf16: frozen CLIP in that type; amp: fp32 weights with fp16 autocast. "
-             "Default: amp on CUDA, fp32 on CPU")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
-    add("--seed", type=int, default=1, help="seed for few-shot sampling, label noise, context and order")
-    add("--out", default=None, metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-...)")
+    add("--precision", choices=["fp32", "fp16", "bf16", "amp"],
+        help="fp16/bf16: frozen CLIP in that type; amp: fp32 weights with fp16 autocast "
+             "(default: amp on CUDA, fp32 on CPU)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default %(default)s)")
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+        help="image loading processes (default %(default)s)")
+    add("--seed", type=int, default=1,
+        help="seed of the few-shot sample, the label noise, the context and the order (default %(default)s)")
+    add("--out", metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-<noise>-...)")
     return parser.parse_args(argv)
 
 

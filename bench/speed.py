@@ -107,21 +107,23 @@ def text_tokens(prompts):
 
 
 def check_equivalence(backbone, args):
-    """(a), (b) and (c) give the same logits (1e-5 absolute) and context gradient (1e-5 relative), in fp32."""
-    clip = build_clip(backbone, args, torch.float32)
+    """(a), (b) and (c) give the same logits (1e-5 absolute) and context gradient (1e-5 relative).
+
+    In fp64: in fp32, rounding alone puts each variant's gradient about 1.5e-5 (relative) from
+    the exact one for these random weights. The image features are random: they are common to
+    all three variants, and the check is about the text side.
+    """
+    clip = build_clip(backbone, args, torch.float64)
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(args.batch, 3, 224, 224, generator=generator).to(args.device)
+    image_features = torch.randn(args.batch, clip.text_projection.shape[1], generator=generator,
+                                 dtype=torch.float64).to(args.device)
     target = torch.randint(args.classes, (args.batch,), generator=generator).to(args.device)
-    with torch.no_grad():
-        image_features = clip.encode_image(images)
+    prompts = {variant: build_prompts(clip, variant, args) for variant in "abc"}
     results = {}
-    for variant in "abc":
-        prompts = build_prompts(clip, variant, args)
-        if variant == "a":
-            ctx = prompts.ctx.detach().clone()
-        prompts.ctx.data.copy_(ctx)
-        logits = clip.logits(image_features, prompts.text_features())
-        (grad,) = torch.autograd.grad(dspt.double_softmax_loss(logits, target), prompts.ctx)
+    for variant, variant_prompts in prompts.items():
+        variant_prompts.ctx.data.copy_(prompts["a"].ctx)
+        logits = clip.logits(image_features, variant_prompts.text_features())
+        (grad,) = torch.autograd.grad(dspt.double_softmax_loss(logits, target), variant_prompts.ctx)
         results[variant] = logits.detach(), grad
     for variant in "bc":
         logit_error = (results[variant][0] - results["a"][0]).abs().max().item()
@@ -224,7 +226,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dspt.load_tokenizer(args.bpe)  # fail early if the merges file is missing
+    try:
+        dspt.load_tokenizer(args.bpe)  # fail early if the merges file is missing
+    except dspt.UserError as e:
+        raise SystemExit(f"speed.py: error: {e}")
     start = time.perf_counter()
     print(f"machine: {machine(args)}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
