@@ -604,3 +604,15 @@ def test_user_errors_exit_without_traceback_from_the_command_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("dspt: error: ")
+
+
+# -----------------------------------------------------------------------------
+# The analysis notebook: it asserts each of its numerical checks, so running it is the test.
+
+def test_analysis_notebook_runs_and_its_checks_pass():
+    import nbclient
+    import nbformat
+    notebook = nbformat.read(HERE / "analysis.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(HERE)}}).execute()
+    assert sum(cell.source.count("assert") for cell in notebook.cells if cell.cell_type == "code") >= 10

@@ -203,14 +203,15 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--backbones", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="CLIP architectures")
     add("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-        help="which text encodings to time (see the module docstring); speed-ups need a")
+        help="text encodings to time: a, every class's full 77-token prompt (CoOp); b, the same cut "
+             "after the last EOT; c, dspt.PromptLearner. Speed-ups are against a")
     add("--classes", type=int, default=100, help=f"number of classes, 2 to {len(CALTECH101)}")
     add("--batch", type=int, default=32, help="images per step")
     add("--reps", type=int, default=5, help="timed steps after one warm-up step")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     add("--precision", choices=["fp32", "fp16", "bf16", "amp"], default=None,
         help="as dspt.py's --precision; default amp on CUDA, fp32 on CPU")
-    add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on the CPU")
+    add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (the cores available)")
     add("--bpe", default=None, metavar="PATH",
         help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (env DSPT_BPE); by default downloaded")
     add("--skip-check", action="store_true", help="do not check first that the variants agree")
@@ -243,7 +244,7 @@ def main(argv=None):
                 results[variant] = pool.submit(measure, backbone, variant, args).result()
             r = results[variant]
             print(f"{backbone} {VARIANTS[variant]}: step {r['step']:.3f} s (image {r['image']:.3f} s, "
-                  f"text {r['text']:.3f} s)", flush=True)
+                  f"text {r['text']:.3f} s); load average {os.getloadavg()[0]:.2f}", flush=True)
         for variant, r in results.items():
             base = results.get("a")
             speedup = (f"{base['step'] / r['step']:.1f}x | {base['text'] / r['text']:.1f}x" if base else "- | -")

@@ -1,0 +1,375 @@
+"""
+DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt and PTNL's unsupervised prompt
+tuning, each a small change to dspt.py's run, which they import and reuse (model, data, label
+noise, prompt learner, losses, training loop, evaluation, outputs).
+
+    python baselines.py --method prograd --loss ce --data ./caltech101 --noise 0.5
+
+Every flag of dspt.py means the same here; --method picks the only thing that changes:
+
+    coop        dspt.py's run: CoOp's prompt tuning with --loss (dspt, ce, gce or mae)
+    prograd     ProGrad (Zhu et al., ICCV 2023): the gradient of --loss loses its component
+                against the direction that keeps the prediction close to zero-shot CLIP's
+    nlprompt    NLPrompt (Pan et al., CVPR 2025): each epoch, optimal transport between the
+                images and the class prompts splits the samples; cross-entropy for those whose
+                transport label is their given label, MAE (1 - p_y) for the rest (--loss unused)
+    ptnl-unsup  PTNL's unsupervised mode (Wu et al., ICCV 2023): no labels; zero-shot CLIP labels
+                the whole train split, the --shots most confident images of each predicted class
+                are kept, and the prompt is tuned on those pseudo-labels with --loss
+
+Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); PTNL's pseudo-labels; main.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dspt
+
+METHODS = ["coop", "prograd", "nlprompt", "ptnl-unsup"]
+
+
+# -----------------------------------------------------------------------------
+# ProGrad: keep the update from moving the prediction away from zero-shot CLIP's.
+
+def kl_to_zero_shot(logits, zero_shot_logits):
+    """KL(p_zero_shot || p) at temperature 1, averaged over the batch; ProGrad's "general
+    knowledge" loss. Its gradient equals that of cross-entropy to the soft zero-shot labels."""
+    return F.kl_div(logits.float().log_softmax(dim=-1), zero_shot_logits.float().log_softmax(dim=-1),
+                    reduction="batchmean", log_target=True)
+
+
+def project_conflicting_gradient(gradient, direction, strength=1.0):
+    r"""ProGrad's update: the gradient, less `strength` times its component along direction
+    when the two conflict.
+
+        g' = g - lambda (g . u) u   if g . u < 0,     g' = g   otherwise,     u = d / |d|
+
+    With lambda = 1, g' is orthogonal to d: a step along -g' then does not, to first order,
+    increase the loss whose gradient is d.
+    """
+    dot = (gradient * direction).sum()
+    if dot >= 0:  # also when direction is zero
+        return gradient
+    return gradient - strength * dot / direction.square().sum() * direction
+
+
+class ProGrad:
+    """dspt.train's step_loss for ProGrad, with --loss as the "domain" loss.
+
+    Each step takes the gradients of the domain loss and of the KL to zero-shot CLIP's
+    prediction (the template's text features) with respect to the context, and projects the
+    first as project_conflicting_gradient says. The KL only gives a direction; it is never
+    added to the update.
+    """
+
+    def __init__(self, learner, loss_fn, zero_shot_text_features, strength=1.0):
+        self.learner, self.loss_fn, self.strength = learner, loss_fn, strength
+        self.zero_shot_text_features = zero_shot_text_features
+        self.conflicts = {}  # epoch -> [steps whose gradients conflicted, steps]
+
+    def step_loss(self, image_features, target, index, epoch):
+        clip, ctx = self.learner.clip, self.learner.ctx
+        logits = clip.logits(image_features, self.learner.text_features())
+        with torch.no_grad():
+            zero_shot_logits = clip.logits(image_features, self.zero_shot_text_features)
+        loss = self.loss_fn(logits, target)
+        (domain_gradient,) = torch.autograd.grad(loss, ctx, retain_graph=True)
+        (kl_gradient,) = torch.autograd.grad(kl_to_zero_shot(logits, zero_shot_logits), ctx)
+        gradient = project_conflicting_gradient(domain_gradient, kl_gradient, self.strength)
+        counts = self.conflicts.setdefault(epoch, [0, 0])
+        counts[0] += gradient is not domain_gradient
+        counts[1] += 1
+        # train() calls backward() on what this returns, so return a scalar whose value is the
+        # domain loss and whose gradient with respect to ctx is the projected gradient:
+        # <ctx, g'> - <ctx, g'>.detach() is exactly 0 and has gradient g'. The backward pass
+        # stops at ctx (a leaf), so it is cheap. A GradScaler scales the loss and unscales the
+        # gradient, so it passes g' through unchanged; the two gradients above are taken
+        # without loss scaling, as ProGrad's own code does.
+        inner = (ctx * gradient).sum()
+        return logits.detach(), loss.detach() + (inner - inner.detach())
+
+    def epoch_record(self, epoch):
+        conflicting, steps = self.conflicts.get(epoch, (0, 0))
+        return {"prograd_conflict_fraction": conflicting / steps if steps else None}
+
+
+# -----------------------------------------------------------------------------
+# NLPrompt: optimal transport between images and class prompts splits clean from noisy.
+
+OT_EPSILON = 1.0           # entropic regularisation of the transport, on the cost -log p
+SINKHORN_ITERATIONS = 1000
+SINKHORN_TOLERANCE = 1e-9  # largest error of a column sum (each should be 1/C)
+
+
+def sinkhorn(cost, epsilon=OT_EPSILON):
+    r"""The entropic optimal transport plan [N, C] between N samples and C classes with uniform
+    marginals (every row sums to 1/N, every column to 1/C), computed in log space in float64.
+
+        P = argmin  <P, M> - epsilon H(P)   subject to   P 1 = 1/N,  P^T 1 = 1/C
+          = diag(u) K diag(v),   K = exp(-M / epsilon)
+
+    Sinkhorn's iterations alternately rescale the rows and the columns to their marginals; here
+    the scalings are kept as logarithms (f = log u, g = log v), so K may span any range. They
+    stop when every column sum is within SINKHORN_TOLERANCE of 1/C; the rows are then exact.
+    """
+    log_kernel = -cost.double() / epsilon
+    n, c = log_kernel.shape
+    log_row, log_column = -math.log(n), -math.log(c)
+    f = torch.zeros(n, dtype=torch.float64, device=cost.device)
+    g = log_column - torch.logsumexp(log_kernel, dim=0)
+    for _ in range(SINKHORN_ITERATIONS):
+        f = log_row - torch.logsumexp(log_kernel + g[None, :], dim=1)
+        column_log_sums = torch.logsumexp(log_kernel + f[:, None], dim=0)  # before scaling by v
+        if (torch.exp(column_log_sums + g) - 1 / c).abs().max() < SINKHORN_TOLERANCE:
+            break
+        g = log_column - column_log_sums
+    return torch.exp(log_kernel + f[:, None] + g[None, :])
+
+
+def transport_labels(logits):
+    """NLPrompt's label of each sample: the class to which its row of the transport plan sends
+    the most mass, with CLIP's prediction as the cost.
+
+    The cost is -log p (p = softmax of the logits) at epsilon = 1, so that K = p: the plan is
+    p with its rows and columns rescaled, and a sample's transport label is argmax_c p_c v_c,
+    CLIP's prediction reweighted so that every class receives N/C of the samples. Because the
+    row scaling absorbs any per-sample constant, this is the same plan as the cost -cos(image,
+    class prompt) at epsilon = 1/logit_scale (0.01 for CLIP): the negative similarity matrix
+    of NLPrompt's paper. NLPrompt's released code uses the cost -p at epsilon = 0.01 instead, on
+    which Sinkhorn converges far more slowly: on random 1600 x 100 problems its column sums
+    were still off by 1e-5 after 1000 iterations, where -log p reached 1e-8 within 60.
+    """
+    return sinkhorn(-logits.float().log_softmax(dim=-1)).argmax(dim=-1)
+
+
+class NLPrompt:
+    """dspt.train's step_loss and loss_fn for NLPrompt (PromptOT with PromptMAE).
+
+    At the start of every epoch, the current prompts' logits of all training images go through
+    transport_labels; a sample whose transport label equals its given label counts as clean. In
+    each batch the clean samples get cross-entropy and the others MAE, 1 - p_y, each sample
+    weighted 1/batch size. features: the frozen features of the training images at positions
+    kept (dspt.encode_images); labels, noisy: the given labels and the mask of the wrong ones.
+    """
+
+    def __init__(self, learner, features, kept, labels, noisy):
+        self.learner, self.features, self.kept = learner, features, kept
+        self.labels, self.noisy = labels, noisy
+        self.clean = torch.ones(len(labels), dtype=torch.bool)
+        self.batch_clean = None
+        self.epoch, self.records = None, []
+
+    def split(self):
+        with torch.no_grad():
+            logits = self.learner.clip.logits(self.features, self.learner.text_features())
+        agrees = transport_labels(logits).cpu() == self.labels[self.kept]
+        self.clean[self.kept] = agrees
+        flagged, wrong = ~agrees, self.noisy[self.kept]
+        caught = (flagged & wrong).sum().item()
+        record = {"ot_clean_fraction": agrees.float().mean().item(),
+                  "ot_noisy_precision": caught / flagged.sum().item() if flagged.any() else None,
+                  "ot_noisy_recall": caught / wrong.sum().item() if wrong.any() else None}
+        self.records.append(record)
+        print(f"optimal transport: {agrees.sum().item()} of {len(agrees)} samples clean; of the "
+              f"{flagged.sum().item()} others, {caught} have wrong labels (of {wrong.sum().item()})",
+              flush=True)
+
+    def loss(self, logits, target):
+        """Mean of cross-entropy on this batch's clean samples and MAE on the others."""
+        logits = logits.float()
+        cross_entropy = F.cross_entropy(logits, target, reduction="none")
+        absolute_error = 1 - logits.softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
+        return torch.where(self.batch_clean.to(logits.device), cross_entropy, absolute_error).mean()
+
+    def step_loss(self, image_features, target, index, epoch):
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.split()
+        # Kept for self.loss, which train() calls again, on this batch, for its diagnostics.
+        self.batch_clean = self.clean[index]
+        logits = self.learner.clip.logits(image_features, self.learner.text_features())
+        return logits, self.loss(logits, target)
+
+    def epoch_record(self, epoch):
+        return self.records[epoch]
+
+
+# -----------------------------------------------------------------------------
+# PTNL's unsupervised mode: zero-shot CLIP's most confident predictions as labels.
+
+def select_confident_per_class(probabilities, k):
+    """Indices of the k samples of each predicted class with the highest predicted probability
+    (fewer if fewer are predicted as that class), most confident first, ties to the lower index;
+    grouped by class. probabilities: [N, C]."""
+    confidence, predicted = probabilities.max(dim=-1)
+    confidence, predicted = confidence.cpu().numpy(), predicted.cpu().numpy()
+    order = np.lexsort((np.arange(len(predicted)), -confidence, predicted))  # last key sorts first
+    first_of_class = np.searchsorted(predicted[order], predicted[order])
+    rank_in_class = np.arange(len(order)) - first_of_class
+    return torch.from_numpy(order[rank_in_class < k])
+
+
+def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args):
+    """(items, pseudo-labels, mask of the wrong ones, n_unreadable): the --shots images of each
+    class that zero-shot CLIP is most confident about, from the whole pool. The true labels
+    serve only to count the wrong pseudo-labels."""
+    with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence the context init, alone
+        features, kept, unreadable = dspt.encode_images(clip, pool, preprocess, args,
+                                                        "pseudo-labelling training images")
+    with torch.no_grad():
+        probabilities = clip.logits(features, template_features).softmax(dim=-1)
+    chosen = select_confident_per_class(probabilities, args.shots)
+    pseudo = probabilities.argmax(dim=-1).cpu()[chosen]
+    items = [pool[i] for i in kept[chosen].tolist()]
+    short = (torch.bincount(pseudo, minlength=len(template_features)) < args.shots).sum().item()
+    if short:
+        dspt.warn(f"zero-shot CLIP predicts {short} classes for fewer than --shots {args.shots} "
+                  f"training images; those classes have fewer pseudo-labelled images")
+    true = torch.tensor([label for _, label in items])
+    return items, pseudo, pseudo != true, unreadable
+
+
+# -----------------------------------------------------------------------------
+# main: dspt.py's run, with the method's training set and step loss.
+
+def parse_args(argv=None):
+    """dspt.py's flags, and --method and --prograd-lambda."""
+    parser = argparse.ArgumentParser(
+        add_help=False, description="DSPT's peers (CoOp, ProGrad, NLPrompt, PTNL unsupervised) under "
+                                    "dspt.py's protocol. Every flag of dspt.py, listed after these, applies.")
+    add = parser.add_argument
+    add("-h", "--help", action="store_true", help="show this help and dspt.py's, and exit")
+    add("--method", choices=METHODS, default="coop",
+        help="coop: dspt.py's run, CoOp with --loss; prograd: ProGrad with --loss as its domain loss; "
+             "nlprompt: NLPrompt, cross-entropy on the samples optimal transport calls clean and MAE "
+             "on the rest, whatever --loss says; ptnl-unsup: PTNL's unsupervised mode, --loss on "
+             "zero-shot CLIP's --shots most confident images per class, no labels, no --noise "
+             "(default %(default)s)")
+    add("--prograd-lambda", type=float, default=1.0, metavar="LAMBDA",
+        help="prograd: the fraction of the conflicting component removed, in [0, 1] (default %(default)s)")
+    own, rest = parser.parse_known_args(argv)
+    if own.help:
+        parser.print_help()
+        print()
+        rest = ["--help"]
+    args = dspt.parse_args(rest)
+    args.method, args.prograd_lambda = own.method, own.prograd_lambda
+    return args
+
+
+def check_args(args):
+    """dspt.check_args, the method's own checks, and the method in the default --out."""
+    if not 0 <= args.prograd_lambda <= 1:
+        raise dspt.UserError(f"--prograd-lambda {args.prograd_lambda} is outside [0, 1]")
+    if args.method == "ptnl-unsup" and args.noise:
+        raise dspt.UserError("--method ptnl-unsup trains on zero-shot CLIP's pseudo-labels, which "
+                             "have their own noise; leave --noise at 0")
+    default_out = args.out is None
+    dspt.check_args(args)
+    if default_out:
+        args.out = str(Path(args.out).with_name(f"{args.method}-{Path(args.out).name}"))
+
+
+def load(args):
+    """(classnames, train items, test items, tokenizer, clip, preprocess), after checking args."""
+    check_args(args)
+    torch.manual_seed(args.seed)
+    classnames, train_items, test_items = dspt.load_dataset(args.data, args.seed, args.download)
+    tokenizer = dspt.load_tokenizer(args.bpe, args.cache_dir)
+    clip, preprocess = dspt.load_clip(args.backbone, args.device, args.cache_dir)
+    clip.to(args.dtype)
+    return classnames, train_items, test_items, tokenizer, clip, preprocess
+
+
+def noisy_few_shot(train_items, num_classes, args):
+    """(--shots items per class, their labels with --noise, mask of the wrong ones, n_unreadable)."""
+    items, unreadable = dspt.sample_few_shot(train_items, num_classes, args.shots, args.seed)
+    clean = np.array([label for _, label in items])
+    given = dspt.inject_label_noise(clean, num_classes, args.noise, args.noise_kind, args.seed)
+    return items, torch.from_numpy(given), torch.from_numpy(given != clean), unreadable
+
+
+def save_outputs(args, learner, classnames, metrics):
+    out = Path(args.out)
+    dspt.atomic_write(out / "prompt.pt", lambda f: torch.save({
+        "ctx": learner.ctx.detach().cpu(), "classnames": classnames, "backbone": args.backbone}, f))
+    dspt.atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    print(f"wrote {out / 'metrics.json'} and {out / 'prompt.pt'}")
+
+
+def run(args):
+    """Train and evaluate args.method; returns the metrics, also written to --out."""
+    classnames, train_items, test_items, tokenizer, clip, preprocess = load(args)
+    with torch.no_grad(), dspt.autocast(args):
+        template_features = clip.encode_text(tokenizer.tokenize(
+            [args.template.format(name) for name in classnames]).to(args.device))
+    if args.method == "ptnl-unsup":
+        pool_size = len(train_items)
+        train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
+            clip, preprocess, train_items, template_features, args)
+        extra = {"pseudo_label_pool": pool_size, "pseudo_label_accuracy": 1 - noisy.float().mean().item()}
+        print(f"{len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
+              f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
+              f"{args.backbone} on {args.device} ({args.precision})")
+    else:
+        train_items, labels, noisy, unreadable = noisy_few_shot(train_items, len(classnames), args)
+        extra = {}
+        print(f"{len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
+              f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
+
+    test_features, kept, unreadable_test = dspt.encode_images(clip, test_items, preprocess, args,
+                                                              "encoding test images")
+    test_labels = torch.tensor([test_items[i][1] for i in kept.tolist()], device=args.device)
+    zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
+    print(f"zero-shot test accuracy {zero_shot:.2%}")
+
+    learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+    loss_fn, step_loss, method = dspt.LOSSES[args.loss], None, None
+    if args.method == "prograd":
+        method = ProGrad(learner, loss_fn, template_features, args.prograd_lambda)
+        step_loss = method.step_loss
+    elif args.method == "nlprompt":
+        with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
+            features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
+                                                         "encoding training images for optimal transport")
+        method = NLPrompt(learner, features, kept_train, labels, noisy)
+        loss_fn, step_loss = method.loss, method.step_loss
+    history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss)
+    if method:
+        for epoch, record in enumerate(history):
+            record.update(method.epoch_record(epoch))
+    with torch.no_grad(), dspt.autocast(args):
+        final = dspt.accuracy(clip.logits(test_features, learner.text_features()), test_labels)
+    print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
+
+    metrics = {
+        "method": args.method,
+        "args": {k: v for k, v in vars(args).items() if k != "dtype"},
+        "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
+        "unreadable_images": unreadable + unreadable_test,
+        "noise_rate": noisy.float().mean().item(), **extra,
+        "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
+    }
+    save_outputs(args, learner, classnames, metrics)
+    return metrics
+
+
+def main(argv=None):
+    """Train and evaluate; returns the metrics. A user error exits with one line and status 1."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except dspt.UserError as e:
+        print(f"baselines: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

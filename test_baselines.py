@@ -1,0 +1,370 @@
+"""Tests for baselines.py, offline. Oracles: ProGrad's projection against its closed form and
+against gradients from separate backward passes; Sinkhorn against its marginals, a 2 x 2 plan
+solved by hand and textbook Sinkhorn without logarithms; the transport split against planted
+label noise; the pseudo-label selection against a brute-force sort and against images whose
+zero-shot probabilities are known; every method end to end on test_dspt's small checkpoint and
+image folder, --method coop against dspt.py itself."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_dspt import BPE_PATH, image_folder, tiny_checkpoint  # noqa: F401 (fixtures); sets DSPT_BPE
+
+import baselines  # noqa: E402
+import dspt  # noqa: E402
+
+CLASSNAMES = ["dog", "great white shark", "yin yang", "airplane"]
+
+
+def tiny_learner(tiny_checkpoint, n_ctx=4):
+    model, _ = dspt.load_clip(str(tiny_checkpoint))
+    torch.manual_seed(0)
+    return dspt.PromptLearner(model, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=n_ctx)
+
+
+# -----------------------------------------------------------------------------
+# ProGrad
+
+def test_projected_gradient_is_orthogonal_to_the_direction_when_they_conflict():
+    torch.manual_seed(0)
+    for _ in range(20):
+        gradient, direction = torch.randn(4, 64), torch.randn(4, 64)
+        if (gradient * direction).sum() > 0:
+            direction = -direction
+        projected = baselines.project_conflicting_gradient(gradient, direction)
+        g, d = gradient.double().flatten(), direction.double().flatten()
+        expected = g - (g @ d) / (d @ d) * d
+        assert torch.allclose(projected.double().flatten(), expected, atol=1e-6)
+        cosine = (projected.double().flatten() @ d) / (projected.double().norm() * d.norm())
+        assert abs(cosine) < 1e-6
+
+
+def test_projection_strength_removes_that_fraction_of_the_conflicting_component():
+    gradient, direction = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 3.0]])  # g . u = -2
+    projected = baselines.project_conflicting_gradient(gradient, direction, strength=0.25)
+    assert torch.allclose(projected, torch.tensor([[1.0, -1.5]]))  # (1 - 0.25) of -2 remains
+
+
+def test_gradient_that_agrees_with_the_direction_is_untouched():
+    torch.manual_seed(1)
+    gradient, direction = torch.randn(4, 64), torch.randn(4, 64)
+    direction = direction if (gradient * direction).sum() > 0 else -direction
+    assert torch.equal(baselines.project_conflicting_gradient(gradient, direction), gradient)
+    orthogonal = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert torch.equal(baselines.project_conflicting_gradient(*orthogonal), orthogonal[0])
+    assert torch.equal(baselines.project_conflicting_gradient(gradient, torch.zeros_like(gradient)), gradient)
+
+
+def separate_gradients(learner, image_features, target, zero_shot, loss_fn):
+    """The domain loss and the gradients of it and of the KL to zero-shot CLIP with respect to
+    ctx, each from its own forward and backward pass."""
+    gradients = []
+    for kind in ("domain", "kl"):
+        learner.ctx.grad = None
+        logits = learner.clip.logits(image_features, learner.text_features())
+        if kind == "domain":
+            loss = loss_fn(logits, target)
+            domain_loss = loss.item()
+        else:
+            p_zero_shot = learner.clip.logits(image_features, zero_shot).softmax(dim=-1)
+            loss = (p_zero_shot * (p_zero_shot.log() - logits.log_softmax(dim=-1))).sum(-1).mean()
+        loss.backward()
+        gradients.append(learner.ctx.grad.double().clone())
+    learner.ctx.grad = None
+    return domain_loss, *gradients
+
+
+def test_prograd_step_loss_has_the_domain_loss_value_and_the_projected_gradient(tiny_checkpoint):
+    learner = tiny_learner(tiny_checkpoint)
+    clip, tokenizer = learner.clip, dspt.load_tokenizer(BPE_PATH)
+    zero_shot = clip.encode_text(tokenizer.tokenize([f"a photo of a {name}." for name in CLASSNAMES]))
+    conflicts = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image_features, target = torch.randn(6, 32), torch.randint(0, len(CLASSNAMES), (6,))
+        strength = 1.0 if seed % 2 else 0.5
+        prograd = baselines.ProGrad(learner, dspt.cross_entropy_loss, zero_shot, strength)
+        domain_loss, g, d = separate_gradients(learner, image_features, target, zero_shot,
+                                               dspt.cross_entropy_loss)
+        conflict = (g * d).sum().item() < 0
+        conflicts.add(conflict)
+        expected = g - strength * (g * d).sum() / (d * d).sum() * d if conflict else g
+
+        logits, loss = prograd.step_loss(image_features, target, torch.arange(6), epoch=0)
+        loss.backward()
+        assert math.isclose(loss.item(), domain_loss, rel_tol=1e-6)
+        assert ((learner.ctx.grad.double() - expected).norm() / expected.norm()).item() < 1e-5
+        if conflict and strength == 1.0:
+            assert abs((learner.ctx.grad.double() * d).sum().item()) < 1e-6 * expected.norm() * d.norm()
+        assert prograd.epoch_record(0) == {"prograd_conflict_fraction": float(conflict)}
+        learner.ctx.grad = None
+    assert conflicts == {True, False}, "the cases should exercise both branches"
+
+
+def test_prograd_gradient_passes_a_grad_scaler_unchanged(tiny_checkpoint):
+    learner = tiny_learner(tiny_checkpoint)
+    zero_shot = torch.randn(len(CLASSNAMES), 32)
+    torch.manual_seed(3)
+    image_features, target = torch.randn(6, 32), torch.randint(0, len(CLASSNAMES), (6,))
+    prograd = baselines.ProGrad(learner, dspt.double_softmax_loss, zero_shot)
+    prograd.step_loss(image_features, target, torch.arange(6), epoch=0)[1].backward()
+    unscaled = learner.ctx.grad.clone()
+    learner.ctx.grad = None
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    optimizer = torch.optim.SGD([learner.ctx], lr=0.1)
+    scaler.scale(prograd.step_loss(image_features, target, torch.arange(6), epoch=0)[1]).backward()
+    assert torch.equal(learner.ctx.grad, unscaled * 2.0 ** 12)
+    scaler.unscale_(optimizer)
+    assert torch.equal(learner.ctx.grad, unscaled)
+
+
+# -----------------------------------------------------------------------------
+# NLPrompt: Sinkhorn and the transport split
+
+def test_sinkhorn_plan_has_uniform_marginals():
+    torch.manual_seed(0)
+    for n, c, scale in [(37, 5, 10.0), (200, 10, 30.0), (3, 7, 1.0)]:
+        logits = scale * torch.randn(n, c)
+        plan = baselines.sinkhorn(-logits.log_softmax(dim=-1))
+        assert plan.shape == (n, c) and (plan >= 0).all()
+        assert (plan.sum(dim=1) - 1 / n).abs().max() < 1e-6
+        assert (plan.sum(dim=0) - 1 / c).abs().max() < 1e-6
+        assert abs(plan.sum().item() - 1) < 1e-6
+
+
+def test_sinkhorn_two_by_two_by_hand():
+    # Symmetric cost [[0, 1], [1, 0]]: by symmetry P = s K with K = exp(-M / eps), and each row
+    # sums to 1/2, so the diagonal is 1 / (2 (1 + exp(-1 / eps))).
+    for epsilon in (0.1, 0.5, 2.0):
+        plan = baselines.sinkhorn(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), epsilon)
+        diagonal = 1 / (2 * (1 + math.exp(-1 / epsilon)))
+        expected = torch.tensor([[diagonal, 0.5 - diagonal], [0.5 - diagonal, diagonal]], dtype=torch.float64)
+        assert torch.allclose(plan, expected, atol=1e-12)
+
+
+def test_sinkhorn_equals_textbook_sinkhorn_without_logarithms():
+    torch.manual_seed(1)
+    cost = torch.rand(30, 6, dtype=torch.float64)
+    kernel = torch.exp(-cost / baselines.OT_EPSILON)
+    u, v = torch.ones(30, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    for _ in range(5000):
+        u = (1 / 30) / (kernel @ v)
+        v = (1 / 6) / (kernel.T @ u)
+    assert torch.allclose(baselines.sinkhorn(cost), u[:, None] * kernel * v[None, :], atol=1e-10)
+
+
+def planted_noise(seed=0, classes=5, per_class=20, rate=0.3, spread=0.3):
+    """CLIP-like logits (100 x cosine) of images close to their class's text feature, the true
+    labels, and labels with a known subset flipped to another class."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.linalg.qr(torch.randn(16, classes, generator=generator))[0].T  # orthonormal rows
+    true = torch.arange(classes).repeat_interleave(per_class)
+    images = text[true] + spread * torch.randn(len(true), 16, generator=generator)
+    logits = 100 * F.normalize(images, dim=-1) @ text.T
+    flipped = torch.rand(len(true), generator=generator) < rate
+    shift = torch.randint(1, classes, (len(true),), generator=generator)
+    given = torch.where(flipped, (true + shift) % classes, true)
+    return logits, true, given, flipped
+
+
+def test_transport_labels_flag_exactly_the_planted_wrong_labels():
+    for seed in range(3):
+        logits, true, given, flipped = planted_noise(seed)
+        assert 0.2 < flipped.float().mean() < 0.4
+        assert torch.equal(baselines.transport_labels(logits) != given, flipped)
+
+
+def test_transport_labels_ignore_a_bias_toward_one_class_that_fools_argmax():
+    # The column scaling absorbs any per-class factor of the kernel exp(log p), so adding a
+    # constant to one class's logits leaves the plan unchanged; argmax is fooled by it.
+    logits, true, given, flipped = planted_noise(seed=4)
+    biased = logits + torch.tensor([120.0, 0, 0, 0, 0])
+    assert (biased.argmax(dim=-1) == 0).all()
+    assert torch.equal(baselines.transport_labels(biased), true)
+
+
+def test_nlprompt_splits_once_per_epoch_and_mixes_cross_entropy_and_mae(tiny_checkpoint):
+    learner = tiny_learner(tiny_checkpoint)
+    torch.manual_seed(0)
+    n = 12
+    features, labels = torch.randn(n, 32), torch.randint(0, len(CLASSNAMES), (n,))
+    noisy = torch.zeros(n, dtype=torch.bool)
+    noisy[:5] = True
+    kept = torch.arange(n)
+    nlprompt = baselines.NLPrompt(learner, features, kept, labels, noisy)
+    with torch.no_grad():
+        logits = learner.clip.logits(features, learner.text_features())
+    clean = baselines.transport_labels(logits) == labels
+    assert 0 < clean.sum() < n, "the case should have both clean and noisy samples"
+
+    index = torch.tensor([0, 3, 5, 7, 11, 2])
+    batch_logits, loss = nlprompt.step_loss(features[index], labels[index], index, epoch=0)
+    p = batch_logits.detach().double().softmax(dim=-1)
+    p_y = p[torch.arange(len(index)), labels[index]]
+    expected = torch.where(clean[index], -p_y.log(), 1 - p_y).mean()
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+    assert math.isclose(nlprompt.loss(batch_logits, labels[index]).item(), loss.item(), rel_tol=1e-6)
+
+    flagged = ~clean
+    assert nlprompt.epoch_record(0) == {
+        "ot_clean_fraction": clean.float().mean().item(),
+        "ot_noisy_precision": (flagged & noisy).sum().item() / flagged.sum().item(),
+        "ot_noisy_recall": (flagged & noisy).sum().item() / noisy.sum().item()}
+    nlprompt.step_loss(features[:4], labels[:4], torch.arange(4), epoch=0)
+    assert len(nlprompt.records) == 1
+    nlprompt.step_loss(features[:4], labels[:4], torch.arange(4), epoch=1)
+    assert len(nlprompt.records) == 2
+
+
+# -----------------------------------------------------------------------------
+# PTNL's unsupervised mode: pseudo-labels
+
+def test_confident_selection_equals_brute_force_sort():
+    rng = np.random.default_rng(0)
+    probabilities = np.round(rng.dirichlet(np.full(6, 0.3), size=400), 2)  # rounding makes ties
+    probabilities[:, 5] = 0  # class 5 is never predicted
+    probabilities[rng.random(400) < 0.9, 4] = 0  # class 4 rarely
+    for k in (1, 7, 1000):
+        predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+        expected = []
+        for c in range(6):
+            members = sorted((-confidence[i], i) for i in range(400) if predicted[i] == c)
+            expected += [i for _, i in members[:k]]
+        chosen = baselines.select_confident_per_class(torch.from_numpy(probabilities), k)
+        assert chosen.tolist() == expected
+    assert len(baselines.select_confident_per_class(torch.from_numpy(probabilities), 7)) < 6 * 7
+
+
+class MeanColourCLIP:
+    """A stand-in for CLIP whose image feature is the mean RGB colour, so that zero-shot
+    probabilities are known in closed form: softmax(100 cos(colour, e_c))."""
+
+    def encode_image(self, images):
+        return images.mean(dim=(2, 3))
+
+    def logits(self, image_features, text_features):
+        return 100 * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+
+
+def test_pseudo_labelled_set_keeps_the_most_confident_images_of_each_class(tmp_path):
+    from PIL import Image
+    from torchvision import transforms
+    rng = np.random.default_rng(0)
+    pool, colours = [], []
+    for i in range(30):
+        true = i % 3
+        colour = rng.integers(20, 120, size=3)
+        colour[true if i % 5 else (true + 1) % 3] = rng.integers(150, 256)  # every 5th looks wrong
+        path = tmp_path / f"{i:02d}.png"
+        Image.new("RGB", (8, 8), tuple(int(v) for v in colour)).save(path)
+        pool.append((path, true))
+        colours.append(colour)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    pool.insert(7, (tmp_path / "broken.png", 0))
+    colours.insert(7, None)
+    args = dspt.parse_args(["--data", str(tmp_path), "--shots", "4", "--workers", "0", "--batch-size", "8",
+                            "--device", "cpu"])
+    dspt.check_args(args)
+
+    items, pseudo, wrong, unreadable = baselines.pseudo_labelled_training_set(
+        MeanColourCLIP(), transforms.ToTensor(), pool, torch.eye(3), args)
+
+    probabilities = {i: torch.from_numpy(100 * c / np.linalg.norm(c)).softmax(0).numpy()
+                     for i, c in enumerate(colours) if c is not None}
+    expected = []
+    for c in range(3):
+        members = sorted((-p.max(), i) for i, p in probabilities.items() if p.argmax() == c)
+        expected += [(i, c) for _, i in members[:4]]
+    assert unreadable == 1
+    assert [pool.index(item) for item in items] == [i for i, _ in expected]
+    assert pseudo.tolist() == [c for _, c in expected]
+    assert wrong.tolist() == [pool[i][1] != c for i, c in expected]
+    assert 0 < wrong.sum() < len(items)
+
+
+# -----------------------------------------------------------------------------
+# End to end on the small checkpoint and image folder
+
+def run_baselines(tmp_path, data, checkpoint, *extra, out="out"):
+    argv = ["--data", str(data), "--backbone", str(checkpoint), "--epochs", "2", "--shots", "4",
+            "--batch-size", "4", "--workers", "0", "--n-ctx", "4", "--out", str(tmp_path / out), *extra]
+    return baselines.main(argv)
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_each_method_trains_and_writes_metrics_and_prompt(tmp_path, image_folder, tiny_checkpoint, method):
+    noise = [] if method == "ptnl-unsup" else ["--noise", "0.5"]
+    metrics = run_baselines(tmp_path, image_folder, tiny_checkpoint, "--method", method, *noise)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert written["method"] == method and written["args"]["method"] == method
+    assert [record["epoch"] for record in written["history"]] == [1, 2]
+    prompt = torch.load(tmp_path / "out" / "prompt.pt")
+    assert prompt["ctx"].shape == (4, 64) and prompt["classnames"] == written["classnames"]
+    for record in written["history"]:
+        if method == "prograd":
+            assert 0 <= record["prograd_conflict_fraction"] <= 1
+        if method == "nlprompt":
+            assert 0 <= record["ot_clean_fraction"] <= 1 and 0 <= record["ot_noisy_recall"] <= 1
+    if method == "ptnl-unsup":
+        assert written["pseudo_label_pool"] == 18 and 1 <= written["train_images"] <= 3 * 4
+        assert written["pseudo_label_accuracy"] == pytest.approx(1 - written["noise_rate"])
+    else:
+        assert written["train_images"] == 12 and written["noise_rate"] == 0.5
+
+
+def test_coop_is_dspt_run(tmp_path, image_folder, tiny_checkpoint):
+    ours = run_baselines(tmp_path, image_folder, tiny_checkpoint, "--method", "coop", "--noise", "0.5",
+                         "--loss", "gce", out="baselines")
+    theirs = dspt.main(["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--epochs", "2",
+                        "--shots", "4", "--batch-size", "4", "--workers", "0", "--n-ctx", "4", "--noise", "0.5",
+                        "--loss", "gce", "--out", str(tmp_path / "dspt")])
+    assert torch.equal(torch.load(tmp_path / "baselines" / "prompt.pt")["ctx"],
+                       torch.load(tmp_path / "dspt" / "prompt.pt")["ctx"])
+    for key in ("train_images", "noise_rate", "zero_shot_accuracy", "test_accuracy"):
+        assert ours[key] == theirs[key]
+    drop_time = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
+    assert drop_time(ours["history"]) == drop_time(theirs["history"])
+
+
+def test_prograd_with_lambda_zero_trains_like_coop(tmp_path, image_folder, tiny_checkpoint):
+    for method in ("coop", "prograd"):
+        run_baselines(tmp_path, image_folder, tiny_checkpoint, "--method", method, "--prograd-lambda", "0",
+                      "--noise", "0.5", "--loss", "ce", out=method)
+    coop, prograd = (torch.load(tmp_path / method / "prompt.pt")["ctx"] for method in ("coop", "prograd"))
+    assert torch.allclose(prograd, coop, rtol=0, atol=1e-6)
+
+
+def test_ptnl_unsup_refuses_label_noise_and_lambda_outside_0_1(tmp_path, image_folder, tiny_checkpoint, capsys):
+    for extra in (["--method", "ptnl-unsup", "--noise", "0.25"], ["--method", "prograd", "--prograd-lambda", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_baselines(tmp_path, image_folder, tiny_checkpoint, *extra)
+        assert exit_info.value.code == 1
+        error = capsys.readouterr().err
+        assert error.startswith("baselines: error:") and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_output_folder_names_the_method():
+    args = baselines.parse_args(["--data", "somewhere", "--method", "nlprompt", "--device", "cpu"])
+    baselines.check_args(args)
+    assert args.out == "runs/nlprompt-somewhere-RN50-dspt-sym0-16shot-seed1"
+
+
+def test_help_documents_the_methods_and_every_dspt_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        baselines.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ["--method", "--prograd-lambda", "--data", "--download", "--backbone", "--cache-dir", "--bpe",
+                 "--shots", "--noise", "--noise-kind", "--loss", "--n-ctx", "--ctx-init", "--template", "--epochs",
+                 "--batch-size", "--lr", "--no-augment", "--precision", "--device", "--workers", "--seed", "--out"]:
+        assert flag in text
+    for method in baselines.METHODS:
+        assert method in text
+    assert "whatever --loss says" in text
