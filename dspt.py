@@ -139,8 +139,10 @@ def bytes_to_unicode():
 
 class Tokenizer:
     def __init__(self, bpe_path):
-        lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # The vocabulary has 49,408 entries: 256 bytes, the same with </w>, the merges, 2 specials.
+        merges = [tuple(line.split()) for line in lines[1:1 + 49408 - 2 * 256 - 2]]  # line 0: header
         self.byte_encoder = bytes_to_unicode()
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
@@ -873,28 +875,33 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None):
     if args.no_augment:
         features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution),
                                           args, "encoding training images")
-        batches = lambda: ((features[i], None, kept[i], 0) for i in
-                           torch.randperm(len(kept), generator=generator).split(batch_size) if len(i) == batch_size)
         steps = len(kept) // batch_size
+
+        def batches():  # (image features, indices into items), dropping the last partial batch
+            for rows in torch.randperm(len(kept), generator=generator).split(batch_size)[:steps]:
+                yield features[rows], kept[rows]
     else:
         loader = torch.utils.data.DataLoader(
             ImageDataset(items, image_transform(clip.visual.input_resolution, augment=True)),
             batch_size=batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
             collate_fn=collate, generator=generator)
-        batches = lambda: ((None, images, index, 0) for images, _, index, _ in loader)
         steps = len(loader)
+
+        def batches():
+            for images, _, index, _ in loader:
+                with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
+                    image_features = clip.encode_image(images.to(args.device, args.dtype))
+                yield image_features, index
+
     history = []
     for epoch in range(args.epochs):
         start, lr = time.time(), learning_rate(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses, correct, norms, is_noisy = [], [], [], []
-        for image_features, images, index, _ in progress(batches(), steps, f"epoch {epoch + 1}"):
+        for image_features, index in progress(batches(), steps, f"epoch {epoch + 1}"):
             target = labels[index].to(args.device)
             with autocast(args):
-                if image_features is None:
-                    with torch.no_grad():
-                        image_features = clip.encode_image(images.to(args.device, args.dtype))
                 logits, loss = step_loss(image_features, target, index, epoch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

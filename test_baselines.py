@@ -242,13 +242,14 @@ def test_confident_selection_equals_brute_force_sort():
 
 class MeanColourCLIP:
     """A stand-in for CLIP whose image feature is the mean RGB colour, so that zero-shot
-    probabilities are known in closed form: softmax(100 cos(colour, e_c))."""
+    probabilities are known in closed form: softmax(10 cos(colour, e_c)) (a scale of 10 keeps
+    them apart in float32)."""
 
     def encode_image(self, images):
         return images.mean(dim=(2, 3))
 
     def logits(self, image_features, text_features):
-        return 100 * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+        return 10 * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
 
 
 def test_pseudo_labelled_set_keeps_the_most_confident_images_of_each_class(tmp_path):
@@ -274,8 +275,10 @@ def test_pseudo_labelled_set_keeps_the_most_confident_images_of_each_class(tmp_p
     items, pseudo, wrong, unreadable = baselines.pseudo_labelled_training_set(
         MeanColourCLIP(), transforms.ToTensor(), pool, torch.eye(3), args)
 
-    probabilities = {i: torch.from_numpy(100 * c / np.linalg.norm(c)).softmax(0).numpy()
+    probabilities = {i: torch.from_numpy(10 * c / np.linalg.norm(c)).softmax(0).numpy()
                      for i, c in enumerate(colours) if c is not None}
+    confidences = np.sort([p.max() for p in probabilities.values()])
+    assert np.diff(confidences).min() > 1e-5, "near-ties would make the order depend on rounding"
     expected = []
     for c in range(3):
         members = sorted((-p.max(), i) for i, p in probabilities.items() if p.argmax() == c)
