@@ -20,8 +20,6 @@ Every flag of dspt.py means the same here; --method picks the only thing that ch
 Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); PTNL's pseudo-labels; main.
 """
 
-import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -84,14 +82,14 @@ class ProGrad:
         (kl_gradient,) = torch.autograd.grad(kl_to_zero_shot(logits, zero_shot_logits), ctx)
         gradient = project_conflicting_gradient(domain_gradient, kl_gradient, self.strength)
         counts = self.conflicts.setdefault(epoch, [0, 0])
-        counts[0] += gradient is not domain_gradient
+        counts[0] += gradient is not domain_gradient  # without a conflict, g itself comes back
         counts[1] += 1
         # train() calls backward() on what this returns, so return a scalar whose value is the
         # domain loss and whose gradient with respect to ctx is the projected gradient:
         # <ctx, g'> - <ctx, g'>.detach() is exactly 0 and has gradient g'. The backward pass
         # stops at ctx (a leaf), so it is cheap. A GradScaler scales the loss and unscales the
-        # gradient, so it passes g' through unchanged; the two gradients above are taken
-        # without loss scaling, as ProGrad's own code does.
+        # gradient, so it passes g' through unchanged. The two gradients above are taken
+        # without loss scaling (ProGrad's released code has none either).
         inner = (ctx * gradient).sum()
         return logits.detach(), loss.detach() + (inner - inner.detach())
 
@@ -122,7 +120,6 @@ def sinkhorn(cost, epsilon=OT_EPSILON):
     log_kernel = -cost.double() / epsilon
     n, c = log_kernel.shape
     log_row, log_column = -math.log(n), -math.log(c)
-    f = torch.zeros(n, dtype=torch.float64, device=cost.device)
     g = log_column - torch.logsumexp(log_kernel, dim=0)
     for _ in range(SINKHORN_ITERATIONS):
         f = log_row - torch.logsumexp(log_kernel + g[None, :], dim=1)
@@ -205,15 +202,15 @@ class NLPrompt:
 # PTNL's unsupervised mode: zero-shot CLIP's most confident predictions as labels.
 
 def select_confident_per_class(probabilities, k):
-    """Indices of the k samples of each predicted class with the highest predicted probability
-    (fewer if fewer are predicted as that class), most confident first, ties to the lower index;
-    grouped by class. probabilities: [N, C]."""
+    """(indices, predicted classes) of the k samples of each predicted class with the highest
+    predicted probability (fewer if fewer are predicted as that class), grouped by class, most
+    confident first, ties to the lower index. probabilities: [N, C]."""
     confidence, predicted = probabilities.max(dim=-1)
     confidence, predicted = confidence.cpu().numpy(), predicted.cpu().numpy()
     order = np.lexsort((np.arange(len(predicted)), -confidence, predicted))  # last key sorts first
     first_of_class = np.searchsorted(predicted[order], predicted[order])
-    rank_in_class = np.arange(len(order)) - first_of_class
-    return torch.from_numpy(order[rank_in_class < k])
+    chosen = order[np.arange(len(order)) - first_of_class < k]  # rank within the class < k
+    return torch.from_numpy(chosen), torch.from_numpy(predicted[chosen])
 
 
 def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args):
@@ -225,13 +222,12 @@ def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args
                                                         "pseudo-labelling training images")
     with torch.no_grad():
         probabilities = clip.logits(features, template_features).softmax(dim=-1)
-    chosen = select_confident_per_class(probabilities, args.shots)
-    pseudo = probabilities.argmax(dim=-1).cpu()[chosen]
+    chosen, pseudo = select_confident_per_class(probabilities, args.shots)
     items = [pool[i] for i in kept[chosen].tolist()]
     short = (torch.bincount(pseudo, minlength=len(template_features)) < args.shots).sum().item()
     if short:
-        dspt.warn(f"zero-shot CLIP predicts {short} classes for fewer than --shots {args.shots} "
-                  f"training images; those classes have fewer pseudo-labelled images")
+        dspt.warn(f"zero-shot CLIP predicts {short} of the classes for fewer than --shots {args.shots} "
+                  f"training images; they have fewer pseudo-labelled images than the others")
     true = torch.tensor([label for _, label in items])
     return items, pseudo, pseudo != true, unreadable
 
@@ -241,11 +237,10 @@ def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args
 
 def parse_args(argv=None):
     """dspt.py's flags, and --method and --prograd-lambda."""
-    parser = argparse.ArgumentParser(
-        add_help=False, description="DSPT's peers (CoOp, ProGrad, NLPrompt, PTNL unsupervised) under "
-                                    "dspt.py's protocol. Every flag of dspt.py, listed after these, applies.")
+    parser = dspt.build_parser()
+    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, PTNL unsupervised) under dspt.py's "
+                          "protocol: every flag of dspt.py applies, and --method picks the method.")
     add = parser.add_argument
-    add("-h", "--help", action="store_true", help="show this help and dspt.py's, and exit")
     add("--method", choices=METHODS, default="coop",
         help="coop: dspt.py's run, CoOp with --loss; prograd: ProGrad with --loss as its domain loss; "
              "nlprompt: NLPrompt, cross-entropy on the samples optimal transport calls clean and MAE "
@@ -254,14 +249,7 @@ def parse_args(argv=None):
              "(default %(default)s)")
     add("--prograd-lambda", type=float, default=1.0, metavar="LAMBDA",
         help="prograd: the fraction of the conflicting component removed, in [0, 1] (default %(default)s)")
-    own, rest = parser.parse_known_args(argv)
-    if own.help:
-        parser.print_help()
-        print()
-        rest = ["--help"]
-    args = dspt.parse_args(rest)
-    args.method, args.prograd_lambda = own.method, own.prograd_lambda
-    return args
+    return parser.parse_args(argv)
 
 
 def check_args(args):
@@ -277,36 +265,10 @@ def check_args(args):
         args.out = str(Path(args.out).with_name(f"{args.method}-{Path(args.out).name}"))
 
 
-def load(args):
-    """(classnames, train items, test items, tokenizer, clip, preprocess), after checking args."""
-    check_args(args)
-    torch.manual_seed(args.seed)
-    classnames, train_items, test_items = dspt.load_dataset(args.data, args.seed, args.download)
-    tokenizer = dspt.load_tokenizer(args.bpe, args.cache_dir)
-    clip, preprocess = dspt.load_clip(args.backbone, args.device, args.cache_dir)
-    clip.to(args.dtype)
-    return classnames, train_items, test_items, tokenizer, clip, preprocess
-
-
-def noisy_few_shot(train_items, num_classes, args):
-    """(--shots items per class, their labels with --noise, mask of the wrong ones, n_unreadable)."""
-    items, unreadable = dspt.sample_few_shot(train_items, num_classes, args.shots, args.seed)
-    clean = np.array([label for _, label in items])
-    given = dspt.inject_label_noise(clean, num_classes, args.noise, args.noise_kind, args.seed)
-    return items, torch.from_numpy(given), torch.from_numpy(given != clean), unreadable
-
-
-def save_outputs(args, learner, classnames, metrics):
-    out = Path(args.out)
-    dspt.atomic_write(out / "prompt.pt", lambda f: torch.save({
-        "ctx": learner.ctx.detach().cpu(), "classnames": classnames, "backbone": args.backbone}, f))
-    dspt.atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    print(f"wrote {out / 'metrics.json'} and {out / 'prompt.pt'}")
-
-
 def run(args):
     """Train and evaluate args.method; returns the metrics, also written to --out."""
-    classnames, train_items, test_items, tokenizer, clip, preprocess = load(args)
+    check_args(args)
+    classnames, train_items, test_items, tokenizer, clip, preprocess = dspt.load(args)
     with torch.no_grad(), dspt.autocast(args):
         template_features = clip.encode_text(tokenizer.tokenize(
             [args.template.format(name) for name in classnames]).to(args.device))
@@ -319,7 +281,7 @@ def run(args):
               f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
               f"{args.backbone} on {args.device} ({args.precision})")
     else:
-        train_items, labels, noisy, unreadable = noisy_few_shot(train_items, len(classnames), args)
+        train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args)
         extra = {}
         print(f"{len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
               f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
@@ -357,7 +319,7 @@ def run(args):
         "noise_rate": noisy.float().mean().item(), **extra,
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
     }
-    save_outputs(args, learner, classnames, metrics)
+    dspt.save_outputs(args, learner, classnames, metrics)
     return metrics
 
 

@@ -940,7 +940,8 @@ def format_epoch(record, epochs):
 # -----------------------------------------------------------------------------
 # main: few-shot sampling, label noise, zero-shot accuracy, prompt tuning, test accuracy.
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's parser; baselines.py adds its flags to it."""
     parser = argparse.ArgumentParser(
         description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
         epilog="Data layouts for --data: (a) Caltech101 as CoOp has it, DIR/101_ObjectCategories, with "
@@ -984,7 +985,11 @@ def parse_args(argv=None):
     add("--seed", type=int, default=1,
         help="seed of the few-shot sample, the label noise, the context and the order (default %(default)s)")
     add("--out", metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-<noise>-...)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -1007,18 +1012,36 @@ def check_args(args):
                     f"-{args.shots}shot-seed{args.seed}")
 
 
-def run(args):
-    check_args(args)
+def load(args):
+    """(classnames, train items, test items, tokenizer, clip, preprocess) for checked args."""
     torch.manual_seed(args.seed)
     classnames, train_items, test_items = load_dataset(args.data, args.seed, args.download)
     tokenizer = load_tokenizer(args.bpe, args.cache_dir)
     clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
     clip.to(args.dtype)
+    return classnames, train_items, test_items, tokenizer, clip, preprocess
 
-    train_items, unreadable = sample_few_shot(train_items, len(classnames), args.shots, args.seed)
-    clean = np.array([label for _, label in train_items])
-    given = inject_label_noise(clean, len(classnames), args.noise, args.noise_kind, args.seed)
-    noisy = torch.from_numpy(given != clean)
+
+def noisy_few_shot(train_items, num_classes, args):
+    """(--shots items per class, their labels with --noise, mask of the wrong ones, n_unreadable)."""
+    items, unreadable = sample_few_shot(train_items, num_classes, args.shots, args.seed)
+    clean = np.array([label for _, label in items])
+    given = inject_label_noise(clean, num_classes, args.noise, args.noise_kind, args.seed)
+    return items, torch.from_numpy(given), torch.from_numpy(given != clean), unreadable
+
+
+def save_outputs(args, learner, classnames, metrics):
+    out = Path(args.out)
+    atomic_write(out / "prompt.pt", lambda f: torch.save({
+        "ctx": learner.ctx.detach().cpu(), "classnames": classnames, "backbone": args.backbone}, f))
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    print(f"wrote {out / 'metrics.json'} and {out / 'prompt.pt'}")
+
+
+def run(args):
+    check_args(args)
+    classnames, train_items, test_items, tokenizer, clip, preprocess = load(args)
+    train_items, given, noisy, unreadable = noisy_few_shot(train_items, len(classnames), args)
     print(f"{len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
           f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
 
@@ -1032,7 +1055,7 @@ def run(args):
     print(f"zero-shot test accuracy {zero_shot:.2%}")
 
     learner = PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    history = train(learner, train_items, torch.from_numpy(given), noisy, LOSSES[args.loss], args)
+    history = train(learner, train_items, given, noisy, LOSSES[args.loss], args)
     with torch.no_grad(), autocast(args):
         final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
     print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
@@ -1044,11 +1067,7 @@ def run(args):
         "noise_rate": noisy.float().mean().item(),
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
     }
-    out = Path(args.out)
-    atomic_write(out / "prompt.pt", lambda f: torch.save({
-        "ctx": learner.ctx.detach().cpu(), "classnames": classnames, "backbone": args.backbone}, f))
-    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    print(f"wrote {out / 'metrics.json'} and {out / 'prompt.pt'}")
+    save_outputs(args, learner, classnames, metrics)
     return metrics
 
 
