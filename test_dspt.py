@@ -599,6 +599,35 @@ def test_no_network_names_the_url_and_where_to_put_the_file(tmp_path, tiny_check
     assert not cache.exists() or not list(cache.iterdir())
 
 
+def test_download_fetches_caltech101_into_a_new_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def fake_caltech101(root, download):  # lays the files out as torchvision's download does
+        assert download
+        for name in ["Faces_easy", "Faces", "ant"]:
+            make_images(Path(root) / "caltech101" / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
+
+    monkeypatch.setattr(torchvision.datasets, "Caltech101", fake_caltech101)
+    classnames, train, test = dspt.load_dataset(tmp_path / "caltech101", seed=1, download=True)
+    assert classnames == ["face", "ant"] and len(train) == 10 and len(test) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["caltech101"]
+
+
+def test_failed_download_leaves_no_folder(tmp_path, image_folder, tiny_checkpoint, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def failing_caltech101(root, download):
+        (Path(root) / "caltech101").mkdir()
+        (Path(root) / "caltech101" / "101_ObjectCategories.tar.gz").write_bytes(b"half")
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "Caltech101", failing_caltech101)
+    expect_user_error(capsys, ["--data", str(tmp_path / "caltech"), "--download", "--backbone",
+                               str(tiny_checkpoint), "--out", str(tmp_path / "out")],
+                      "cannot download Caltech101", "101_ObjectCategories")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the image_folder fixture's
+
+
 def test_user_errors_exit_without_traceback_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / "dspt.py"), "--data", str(tmp_path / "missing")],
                             capture_output=True, text=True)
