@@ -339,7 +339,8 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x, mask=None, prefix_kv=None):
-        q, k, v = (split_heads(t, self.heads) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         if prefix_kv is not None:
             n = len(x)
             k = torch.cat([prefix_kv[0].expand(n, -1, -1, -1), k], dim=2)
