@@ -29,6 +29,13 @@ noise from dspt.inject_label_noise (none; symmetric or pair at 25, 50, 75%), the
 except that there is no augmentation (--no-augment), because CoOp's random resized crop (scale
 0.08-1) would often cut the object out of a 32-pixel image. Test accuracy on 1000 clean images.
 
+The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, dspt), and the peers
+of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and
+NLPrompt (optimal transport splits the samples; CE on the clean, MAE on the rest). PTNL's
+unsupervised mode has no labels, hence no noise axis: zero-shot CLIP pseudo-labels the whole pool
+of 500 training images, the 16 most confident per predicted class are kept, and the prompt is
+tuned on them with the dspt loss and with ce; it gets its own table.
+
     python bench/noise.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
     python bench/noise.py --quick     # shorter pretraining, one seed, three noise settings
 
@@ -54,6 +61,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines  # noqa: E402
 import dspt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -326,32 +334,69 @@ SEEDS = {"full": [1, 2, 3], "quick": [1]}
 
 
 def tune_with_loss(loss):
-    def tune(learner, items, labels, noisy, args):
+    """CoOp's prompt tuning with one of dspt.py's losses."""
+    def tune(learner, items, labels, noisy, args, task):
         return dspt.train(learner, items, labels, noisy, dspt.LOSSES[loss], args)
     return tune
 
 
-# A method turns (learner, items, given labels, mask of wrong ones, args) into dspt.train's history.
-METHODS = {loss: tune_with_loss(loss) for loss in ("ce", "gce", "mae", "dspt")}
+def with_records(history, method):
+    """history with the method's own per-epoch diagnostics merged in, as baselines.run does."""
+    for epoch, record in enumerate(history):
+        record.update(method.epoch_record(epoch))
+    return history
 
 
-def run_cell(method, clip, tokenizer, classnames, train_items, test, args, log):
+def tune_prograd(learner, items, labels, noisy, args, task):
+    """ProGrad as published: cross-entropy as the domain loss, lambda 1."""
+    method = baselines.ProGrad(learner, dspt.LOSSES["ce"], task["template"], strength=1.0)
+    return with_records(dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss),
+                        method)
+
+
+def tune_nlprompt(learner, items, labels, noisy, args, task):
+    """NLPrompt: CE on the samples optimal transport calls clean, MAE on the rest (no choice of loss)."""
+    with torch.random.fork_rng(devices=[]):  # as baselines.run: leave the global RNG alone
+        features, kept, _ = dspt.encode_images(learner.clip, items, task["preprocess"], args,
+                                               "encoding training images for optimal transport")
+    method = baselines.NLPrompt(learner, features, kept, labels, noisy)
+    return with_records(dspt.train(learner, items, labels, noisy, method.loss, args, method.step_loss), method)
+
+
+# A method turns (learner, items, given labels, mask of wrong ones, args, task) into dspt.train's
+# history; task holds what the peers need besides: zero-shot CLIP's text features ("template")
+# and the image transform ("preprocess").
+METHODS = {**{loss: tune_with_loss(loss) for loss in ("ce", "gce", "mae", "dspt")},
+           "prograd": tune_prograd, "nlprompt": tune_nlprompt}
+# PTNL's unsupervised mode has no labels, hence no noise axis: its own small grid, over these losses.
+PTNL_LOSSES = ["dspt", "ce"]
+
+
+def run_cell(method, clip, tokenizer, classnames, train_items, test, task, args, log):
     """One prompt tuning run as dspt.run does it; the summary of its outcome."""
     items, labels, noisy, _ = dspt.noisy_few_shot(train_items, len(classnames), args)
+    return tune_and_evaluate(METHODS[method], clip, tokenizer, classnames, items, labels, noisy, test, task,
+                             args, log)
+
+
+def tune_and_evaluate(method, clip, tokenizer, classnames, items, labels, noisy, test, task, args, log):
+    """Train a fresh prompt learner on (items, labels) with method; the summary of its outcome."""
     torch.manual_seed(args.seed)
     learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
     start = time.time()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        history = METHODS[method](learner, items, labels, noisy, args)
+        history = method(learner, items, labels, noisy, args, task)
     with torch.no_grad():
         text_features = learner.text_features()
         accuracy = dspt.accuracy(clip.logits(test["features"], text_features), test["labels"])
     ratio = None
     if noisy.any():  # how hard the wrongly labelled samples pull, relative to the others, over training
         ratio = sum(r["grad_norm_noisy"] for r in history) / sum(r["grad_norm_clean"] for r in history)
+    extra = {key: history[-1][key] for key in ("prograd_conflict_fraction", "ot_clean_fraction",
+                                                 "ot_noisy_precision", "ot_noisy_recall") if key in history[-1]}
     return {"test_accuracy": accuracy, "memorisation": history[-1]["train_accuracy_noisy"],
             "gradient_ratio": ratio, "text_similarity": mean_pairwise_cosine(text_features),
-            "seconds": time.time() - start}
+            "seconds": time.time() - start, **extra}
 
 
 def mean_pairwise_cosine(text_features):
@@ -362,7 +407,8 @@ def mean_pairwise_cosine(text_features):
 
 
 def run_grid(mode, data, clip, preprocess, tokenizer, cache):
-    """(zero-shot CLIP's outcome, the runs) over the mode's seeds, noise settings and methods."""
+    """(zero-shot CLIP's outcome, the runs, PTNL's runs) over the mode's seeds, noise settings and
+    methods; PTNL's unsupervised runs over the seeds and PTNL_LOSSES."""
     base = dspt.parse_args(["--data", str(data), "--out", str(Path(cache) / "runs"), *TUNING])
     dspt.check_args(base)
     classnames, train_items, test_items = dspt.load_dataset(data, base.seed)
@@ -372,6 +418,7 @@ def run_grid(mode, data, clip, preprocess, tokenizer, cache):
         template = clip.encode_text(tokenizer.tokenize([base.template.format(c) for c in classnames]))
     zero_shot = {"test_accuracy": dspt.accuracy(clip.logits(test["features"], template), test["labels"]),
                  "text_similarity": mean_pairwise_cosine(template)}
+    task = {"template": template, "preprocess": preprocess}
     print(f"zero-shot test accuracy {zero_shot['test_accuracy']:.1%} ({len(classnames)} classes, "
           f"{len(kept)} test images)")
     runs = []
@@ -384,11 +431,37 @@ def run_grid(mode, data, clip, preprocess, tokenizer, cache):
                 dspt.check_args(args)
                 for method in METHODS:
                     run = {"method": method, "kind": kind, "rate": rate, "seed": seed,
-                           **run_cell(method, clip, tokenizer, classnames, train_items, test, args, log)}
+                           **run_cell(method, clip, tokenizer, classnames, train_items, test, task, args, log)}
                     runs.append(run)
-                    print(f"seed {seed}  {kind} {rate:.0%}  {method:5s} test accuracy {run['test_accuracy']:.1%}"
+                    print(f"seed {seed}  {kind} {rate:.0%}  {method:8s} test accuracy {run['test_accuracy']:.1%}"
                           f"  ({run['seconds']:.1f}s)", flush=True)
-    return zero_shot, runs
+        ptnl_runs = run_ptnl(mode, data, base.out, clip, preprocess, tokenizer, classnames, train_items, test,
+                             task, log)
+    return zero_shot, runs, ptnl_runs
+
+
+def run_ptnl(mode, data, out, clip, preprocess, tokenizer, classnames, train_items, test, task, log):
+    """PTNL's unsupervised mode: zero-shot CLIP labels the whole training pool, the --shots most
+    confident images of each predicted class are kept, and the prompt is tuned on those pseudo-labels
+    (no given labels, no injected noise). The selection depends on no seed; the seeds vary the
+    context's initialisation and the batches."""
+    runs = []
+    for seed in SEEDS[mode]:
+        args = dspt.parse_args(["--data", str(data), "--out", out,
+                                "--seed", str(seed), *TUNING])
+        dspt.check_args(args)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            items, pseudo, wrong, _ = baselines.pseudo_labelled_training_set(
+                clip, preprocess, train_items, task["template"], args)
+        for loss in PTNL_LOSSES:
+            run = {"method": "ptnl", "loss": loss, "seed": seed, "pool": len(train_items),
+                   "train_images": len(items), "pseudo_label_accuracy": 1 - wrong.float().mean().item(),
+                   **tune_and_evaluate(tune_with_loss(loss), clip, tokenizer, classnames, items, pseudo, wrong,
+                                       test, task, args, log)}
+            runs.append(run)
+            print(f"seed {seed}  ptnl unsupervised, {loss:4s} test accuracy {run['test_accuracy']:.1%} "
+                  f"(pseudo-labels {run['pseudo_label_accuracy']:.1%} right)  ({run['seconds']:.1f}s)", flush=True)
+    return runs
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +478,7 @@ def cell(runs, method, kind, rate, key):
     return (float(np.mean(values)), float(np.std(values))) if values else None
 
 
-def table(runs, settings, key, scale=100, digits=1, zero_shot=None):
+def table(runs, settings, key, scale=100, digits=1, zero_shot=None, methods=METHODS):
     """A markdown table of key: a row per method (and zero-shot's), a column per noise setting."""
     def number(value):
         return f"{scale * value:.{digits}f}"
@@ -414,10 +487,39 @@ def table(runs, settings, key, scale=100, digits=1, zero_shot=None):
              "|---" * (len(settings) + 1) + "|"]
     if zero_shot is not None:  # the same in every column: it sees no training labels
         lines.append("| zero-shot | " + " | ".join([number(zero_shot[key])] * len(settings)) + " |")
-    for method in METHODS:
+    for method in methods:
         cells = [cell(runs, method, *setting, key) for setting in settings]
         lines.append(f"| {method} | " + " | ".join(
             "-" if c is None else f"{number(c[0])} ± {number(c[1])}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def transport_table(runs, settings):
+    """NLPrompt's last-epoch transport split: a row per diagnostic, a column per noise setting."""
+    lines = ["| nlprompt | " + " | ".join(column_name(*setting) for setting in settings) + " |",
+             "|---" * (len(settings) + 1) + "|"]
+    for name, key in [("recall", "ot_noisy_recall"), ("precision", "ot_noisy_precision"),
+                      ("called clean", "ot_clean_fraction")]:
+        cells = [cell(runs, "nlprompt", *setting, key) for setting in settings]
+        lines.append(f"| {name} | " + " | ".join(
+            "-" if c is None else f"{100 * c[0]:.1f} ± {100 * c[1]:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def ptnl_table(ptnl_runs):
+    """PTNL's unsupervised runs: a row per loss, mean ± std over the seeds."""
+    def mean_std(values, scale=100):
+        return f"{scale * np.mean(values):.1f} ± {scale * np.std(values):.1f}"
+
+    lines = ["| method | loss | test accuracy (%) | pseudo-label accuracy (%) | images (of pool) "
+             "| memorisation (%) |", "|---" * 6 + "|"]
+    for loss in PTNL_LOSSES:
+        rows = [run for run in ptnl_runs if run["loss"] == loss]
+        memorised = [run["memorisation"] for run in rows if run["memorisation"] is not None]
+        lines.append(f"| ptnl (unsupervised) | {loss} | {mean_std([r['test_accuracy'] for r in rows])} "
+                     f"| {mean_std([r['pseudo_label_accuracy'] for r in rows])} "
+                     f"| {rows[0]['train_images']} of {rows[0]['pool']} "
+                     f"| {mean_std(memorised) if memorised else '-'} |")
     return "\n".join(lines)
 
 
@@ -431,7 +533,8 @@ images; final logit scale {pre['logit_scale']:.1f}. Zero-shot accuracy with "a p
 **{report['zero_shot']['test_accuracy']:.1%}** on the shifted downstream test images (10 classes, chance \
 10%), {report['zero_shot_like_pretraining']:.1%} on images drawn as in pretraining. Prompt tuning: 16 shots \
 per class, dspt.py's defaults (16 context vectors, 50 epochs, SGD lr 0.002), no augmentation. \
-Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
+Rows ce, gce, mae, dspt: CoOp with that loss; prograd: ProGrad with cross-entropy as its domain loss \
+(lambda 1); nlprompt: NLPrompt (baselines.py). Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
 
 ## Test accuracy (%)
 
@@ -445,12 +548,31 @@ Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
 
 {table(runs, noisy, "gradient_ratio", scale=1, digits=2)}
 
+For prograd the norms are of cross-entropy's gradient with respect to the logits, before ProGrad \
+projects the context's gradient; for nlprompt, of each sample's loss as the epoch's transport split \
+gives it (cross-entropy if called clean, MAE otherwise).
+
 ## Mean cosine similarity between the classes' text features after tuning (1: all prompts alike)
 
 {table(runs, settings, "text_similarity", scale=1, digits=2, zero_shot=report["zero_shot"])}
 
+## NLPrompt's transport split at the last epoch: the wrongly labelled samples it flags (recall, %) \
+and the flagged samples whose labels are wrong (precision, %); \
+the fraction of all samples it calls clean
+
+{transport_table(runs, noisy)}
+
+## PTNL unsupervised: no labels; zero-shot pseudo-labels for the whole training pool, the {TUNING[1]} \
+most confident per predicted class kept; tuned 50 epochs as above
+
+{ptnl_table(report["ptnl_runs"])}
+
+Memorisation: last-epoch training accuracy of the images with wrong pseudo-labels, against those labels. \
+The selection depends on no seed; the seeds vary the context's initialisation and the batches.
+
 Wall-clock: pretraining {pre['seconds']:.0f} s{' (cached by an earlier run)' if pre['cached'] else ''}, \
-{len(runs)} tuning runs {report['grid_seconds']:.0f} s, the whole command {report['seconds']:.0f} s, on \
+{len(runs)} + {len(report['ptnl_runs'])} (PTNL) tuning runs {report['grid_seconds']:.0f} s, the whole command \
+{report['seconds']:.0f} s, on \
 {report['cpus']} CPUs with {report['threads']} torch thread(s); load average (1 min) {report['load'][0]:.1f} \
 at the start, {report['load'][1]:.1f} at the end.
 """
@@ -511,13 +633,13 @@ def main(argv=None):
     clip, preprocess = dspt.load_clip(str(checkpoint))
     data = downstream_task(args.cache)
     grid_start = time.time()
-    zero_shot, runs = run_grid(mode, data, clip, preprocess, tokenizer, args.cache)
+    zero_shot, runs, ptnl_runs = run_grid(mode, data, clip, preprocess, tokenizer, args.cache)
     report = {"mode": mode, "pretraining": pretraining, "zero_shot": zero_shot,
               "zero_shot_like_pretraining": zero_shot_like_pretraining(clip, tokenizer, "a photo of a {}."),
               "grid_seconds": time.time() - grid_start, "seconds": time.time() - start,
               "load": [load_start, os.getloadavg()[0]], "cpus": os.cpu_count(), "threads": args.threads,
               "model": MODEL, "pretraining_settings": PRETRAINING[mode], "downstream": DOWNSTREAM,
-              "tuning": TUNING, "noise": NOISE[mode], "seeds": SEEDS[mode], "runs": runs}
+              "tuning": TUNING, "noise": NOISE[mode], "seeds": SEEDS[mode], "runs": runs, "ptnl_runs": ptnl_runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "noise.md").write_text(markdown(report, runs))
     plot(report, runs, out / "noise.png")
