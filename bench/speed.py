@@ -12,8 +12,8 @@ context and makes an SGD step. The step is timed, and separately its two parts, 
 
 The models are CLIP's real RN50 and ViT-B/32 architectures with random weights; the class
 names are Caltech101's. Before timing, (a), (b) and (c) must give the same logits and the
-same context gradient. Each variant is timed in a fresh process, so that its peak memory is
-its own: after one warm-up step, --reps steps; the table gives medians.
+same context gradient. The variants' steps then take turns, one warm-up step each and --reps
+timed ones; the table gives medians. Peak memory is that of one step in a fresh process.
 
     python bench/speed.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
     python bench/speed.py --backbones RN50 --variants a c --reps 3
@@ -24,7 +24,6 @@ import concurrent.futures
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -100,10 +99,14 @@ def build_prompts(clip, variant, args):
 
 
 def text_tokens(prompts):
-    """Positions the text transformer processes per step."""
-    if isinstance(prompts, CoOpPrompts):
-        return len(prompts.eot) * prompts.length
-    return 1 + N_CTX + prompts.suffix_embedding.shape[0] * prompts.suffix_embedding.shape[1]
+    """Positions the text transformer processes per step, counted at its first block."""
+    counts = []
+    hook = prompts.clip.transformer.resblocks[0].register_forward_hook(
+        lambda block, inputs, output: counts.append(inputs[0].shape[:-1].numel()))
+    with torch.no_grad():
+        prompts.text_features()
+    hook.remove()
+    return sum(counts)
 
 
 def check_equivalence(backbone, args):
@@ -134,30 +137,27 @@ def check_equivalence(backbone, args):
               f"relative gradient difference {grad_error:.1e}", flush=True)
 
 
-def current_rss():
-    """Resident memory of this process now, in bytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_memory(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in bytes; Linux only.
+
+    Not getrusage's ru_maxrss: that carries over the parent's peak into a spawned child.
+    """
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith(field + ":"))
+    return int(kib) * 1024
 
 
-def measure(backbone, variant, args):
-    """Run in a fresh process: median seconds of the step and its parts, and peak memory."""
-    torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
-    clip = build_clip(backbone, args, dtype)
-    prompts = build_prompts(clip, variant, args)
-    optimizer = torch.optim.SGD([prompts.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)  # as dspt.train
+def make_step(clip, prompts, images, target, args):
+    """dspt.train's step (without its diagnostics) as a function that returns (image s, text s)."""
+    optimizer = torch.optim.SGD([prompts.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "amp")
-    images = torch.randn(args.batch, 3, 224, 224).to(args.device, dtype)
-    target = torch.randint(args.classes, (args.batch,)).to(args.device)
 
     def now():
-        if cuda:
+        if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def step():  # dspt.train's step, without its diagnostics
+    def step():
         start = now()
         with dspt.autocast(args), torch.no_grad():
             image_features = clip.encode_image(images)
@@ -168,33 +168,63 @@ def measure(backbone, variant, args):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        end = now()
-        return end - start, middle - start, end - middle
+        return middle - start, now() - middle
+    return step
 
-    if cuda:
+
+def setup(backbone, variants, args):
+    """The frozen CLIP in args.precision, and for each variant its prompts and training step."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
+    clip = build_clip(backbone, args, dtype)
+    images = torch.randn(args.batch, 3, 224, 224).to(args.device, dtype)
+    target = torch.randint(args.classes, (args.batch,)).to(args.device)
+    prompts = {variant: build_prompts(clip, variant, args) for variant in variants}
+    return prompts, {variant: make_step(clip, p, images, target, args) for variant, p in prompts.items()}
+
+
+def time_steps(backbone, args):
+    """Median seconds of the step and of its parts, for each variant.
+
+    The variants' steps take turns, so that a change in the machine's load hits all of them alike.
+    """
+    prompts, steps = setup(backbone, args.variants, args)
+    times = {variant: [] for variant in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(args.reps):
+        for variant, step in steps.items():
+            times[variant].append(step())
+    results = {}
+    for variant, parts in times.items():
+        image_s, text_s = zip(*parts)
+        results[variant] = dict(step=statistics.median(i + t for i, t in parts), image=statistics.median(image_s),
+                                text=statistics.median(text_s), tokens=text_tokens(prompts[variant]))
+    return results
+
+
+def peak_memory(backbone, variant, args):
+    """Run in a fresh process: the peak memory of one step, and its increase over the memory before it."""
+    torch.set_num_threads(args.threads)
+    _, steps = setup(backbone, [variant], args)
+    if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = current_rss()
-    step()  # warm-up
-    times = [step() for _ in range(args.reps)]
-    if cuda:
+        steps[variant]()
         peak = torch.cuda.max_memory_allocated()
-    else:  # ru_maxrss is in KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step_s, image_s, text_s = (statistics.median(column) for column in zip(*times))
-    return dict(step=step_s, image=image_s, text=text_s, peak=peak, increase=peak - before,
-                tokens=text_tokens(prompts))
+    else:
+        before = resident_memory("VmRSS")
+        steps[variant]()
+        peak = resident_memory("VmHWM")
+    return peak, peak - before
 
 
 def machine(args):
     if args.device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}"
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    return (f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, {args.threads} torch "
+            f"threads, torch {torch.__version__}")
 
 
 def parse_args(argv=None):
@@ -237,21 +267,18 @@ def main(argv=None):
     for backbone in args.backbones:
         if not args.skip_check:
             check_equivalence(backbone, args)
-        results = {}
-        for variant in args.variants:
-            # a fresh process per variant, so that the peak memory is this variant's alone
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results[variant] = pool.submit(measure, backbone, variant, args).result()
-            r = results[variant]
-            print(f"{backbone} {VARIANTS[variant]}: step {r['step']:.3f} s (image {r['image']:.3f} s, "
-                  f"text {r['text']:.3f} s); load average {os.getloadavg()[0]:.2f}", flush=True)
+        results = time_steps(backbone, args)
         for variant, r in results.items():
+            # in a fresh process, so that the peak is this variant's alone
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                r["peak"], r["increase"] = pool.submit(peak_memory, backbone, variant, args).result()
             base = results.get("a")
             speedup = (f"{base['step'] / r['step']:.1f}x | {base['text'] / r['text']:.1f}x" if base else "- | -")
             rows.append(f"| {backbone} | {VARIANTS[variant]} | {r['tokens']} | {r['step']:.3f} | {r['text']:.3f} | "
                         f"{r['image']:.3f} | {speedup} | {r['peak'] / 2**30:.2f} | {r['increase'] / 2**30:.2f} |")
+            print(rows[-1], f"load average {os.getloadavg()[0]:.2f}", flush=True)
     memory = ("peak CUDA memory allocated" if args.device.startswith("cuda")
-              else "peak resident memory (RSS) of the process that ran the variant")
+              else "peak resident memory (RSS) of a fresh process that ran one step")
     print(f"\nmachine: {machine(args)}")
     print(f"{args.classes} classes, batch {args.batch}, {N_CTX} context tokens, {args.precision}, "
           f"median of {args.reps} steps after 1 warm-up; load average at the end {os.getloadavg()[0]:.2f}\n")
@@ -261,7 +288,7 @@ def main(argv=None):
     print("\n".join(rows))
     print(f"\ntext tokens: positions through the text transformer per step. text s: text encoding forward, "
           f"loss, backward and SGD update; image s: image encoding (no gradient). peak mem: {memory}, "
-          f"model included; step mem: its increase over the memory held before the first step. "
+          f"model included; step mem: its increase over the memory held before the step. "
           f"Speed-ups against (a) of the same run. Total {time.perf_counter() - start:.0f} s.")
 
 
