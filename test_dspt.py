@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.models as models
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip imports pkg_resources, which warns
@@ -128,7 +129,6 @@ def test_build_model_infers_each_architecture(checkpoints):
 # Tokenizer: ids identical to OpenAI's.
 
 def tokenizer_cases():
-    import torchvision.models as models
     classnames = (models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"][::4]          # 250
                   + models.video.R3D_18_Weights.KINETICS400_V1.meta["categories"][::4]   # 100
                   + models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
@@ -323,28 +323,56 @@ def coop_text_features(reference, tokenizer, ctx, classnames):
 
 CLASSNAMES = ["dog", "great white shark", "yin yang", "airplane", "crayfish", "sea horse",
               "Windsor tie", "motorbike", "T-shirt", "ceiling fan"]
+# 125 ImageNet names of 1 to 7 tokens: their prompts fill three packed rows.
+MANY_CLASSNAMES = models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"][1::8]
 
 
-def test_prompt_learner_equals_straightforward_coop_computation(checkpoints):
+@pytest.mark.parametrize("classnames", [CLASSNAMES, MANY_CLASSNAMES], ids=["one-row", "three-rows"])
+def test_prompt_learner_equals_straightforward_coop_computation(checkpoints, classnames):
     reference, _, state_dict = checkpoints
     model, _ = dspt.load_clip(str(state_dict))
     tokenizer = dspt.load_tokenizer(BPE_PATH)
     torch.manual_seed(0)
-    learner = dspt.PromptLearner(model, CLASSNAMES, tokenizer, n_ctx=16)
+    learner = dspt.PromptLearner(model, classnames, tokenizer, n_ctx=16)
+    assert len(learner.index) == (1 if classnames is CLASSNAMES else 3)
     image_features = torch.randn(8, model.text_projection.shape[1])
-    target = torch.randint(0, len(CLASSNAMES), (8,))
+    target = torch.randint(0, len(classnames), (8,))
 
     logits = model.logits(image_features, learner.text_features())
     dspt.double_softmax_loss(logits, target).backward()
 
     ctx = learner.ctx.detach().clone().requires_grad_()
     reference.requires_grad_(False)
-    expected = model.logits(image_features, coop_text_features(reference, tokenizer, ctx, CLASSNAMES))
+    expected = model.logits(image_features, coop_text_features(reference, tokenizer, ctx, classnames))
     dspt.double_softmax_loss(expected, target).backward()
 
     assert_close(logits.detach(), expected.detach())
     relative = ((learner.ctx.grad - ctx.grad).norm() / ctx.grad.norm()).item()
     assert relative < 1e-5, relative
+
+
+def test_packed_rows_show_each_prompt_exactly_its_own_tokens():
+    n_prefix, lengths = 3, [2, 5, 1, 4, 3, 2, 6]
+    index, position, mask, eot_index = dspt.pack_prompts(n_prefix, lengths, row_length=10)
+    rows, length = index.shape
+    assert rows > 1 and mask.shape == (rows, length, length)
+    assert length <= 10 + max(lengths)
+    padding = n_prefix + sum(lengths)
+    for c, n in enumerate(lengths):
+        own_tokens = list(range(n_prefix)) + [n_prefix + sum(lengths[:c]) + k for k in range(n)]
+        row, eot = divmod(int(eot_index[c]), length)
+        assert index[row, eot] == own_tokens[-1]
+        # Every place of this prompt attends to exactly the places of its prompt up to itself,
+        # which hold its tokens in order, each with its position in the prompt.
+        places = [int(torch.nonzero(index[row] == token)[0]) for token in own_tokens]
+        for i, place in enumerate(places):
+            seen = torch.nonzero(mask[row, place]).flatten().tolist()
+            assert seen == places[:i + 1], (c, i)
+            assert position[row, place] == i
+    suffix_tokens = index[:, n_prefix:][index[:, n_prefix:] != padding]
+    assert sorted(suffix_tokens.tolist()) == list(range(n_prefix, padding))  # each suffix token once
+    assert (index[:, n_prefix] != padding).all()  # no empty row
+    assert (mask.sum(-1) > 0).all()  # padding attends somewhere too: no row of -inf in softmax
 
 
 def test_prompt_learner_with_template_context_equals_zero_shot_clip(checkpoints):
@@ -369,6 +397,30 @@ def test_gradients_reach_the_context_only(tiny_checkpoint):
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
     assert [name for name, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
     assert all(p.grad is None for p in model.parameters())
+
+
+PAGE_FAULTS = """
+import resource, sys, torch, dspt
+if sys.argv[1] == "reuse":
+    dspt.reuse_freed_memory()
+counts = []
+for _ in range(12):  # allocate and free a 64 MiB tensor: 16384 pages of 4 KiB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**24)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(counts[4:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_reuse_freed_memory_stops_page_faults_of_repeated_large_tensors():
+    def faults(mode):
+        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], cwd=HERE, capture_output=True,
+                                text=True, check=True)
+        return int(result.stdout)
+    default, reuse = faults("default"), faults("reuse")
+    assert default >= 8 * 32  # at least one fault per 2 MiB huge page, for each of 8 tensors
+    assert reuse * 4 < default, (reuse, default)  # here: 0 or 16384 (one tensor's) against 131072
 
 
 # -----------------------------------------------------------------------------

@@ -7,13 +7,14 @@ context and makes an SGD step. The step is timed, and separately its two parts, 
 
     (a) full:      every class's whole 77-token prompt through the text transformer, as CoOp does;
     (b) truncated: the same, cut after the last EOT (later positions cannot affect it);
-    (c) dspt:      dspt.PromptLearner, which also runs the prefix "[SOT] ctx" shared by all
-                   classes once (Transformer.forward_shared_prefix).
+    (c) dspt:      dspt.PromptLearner, which packs the prompts into rows that share the
+                   prefix "[SOT] ctx" and hold no padding (dspt.pack_prompts).
 
 The models are CLIP's real RN50 and ViT-B/32 architectures with random weights; the class
 names are Caltech101's. Before timing, (a), (b) and (c) must give the same logits and the
-same context gradient. The variants' steps then take turns, one warm-up step each and --reps
-timed ones; the table gives medians. Peak memory is that of one step in a fresh process.
+same context gradient. Each variant then runs in a fresh process of its own, as a training
+run would (with dspt.reuse_freed_memory, as dspt.py's runs have it): one warm-up step, then
+--reps timed ones; the table gives medians.
 
     python bench/speed.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
     python bench/speed.py --backbones RN50 --variants a c --reps 3
@@ -172,50 +173,28 @@ def make_step(clip, prompts, images, target, args):
     return step
 
 
-def setup(backbone, variants, args):
-    """The frozen CLIP in args.precision, and for each variant its prompts and training step."""
+def run_variant(backbone, variant, args):
+    """Time one variant in a fresh process, as a training run has it: a warm-up step, then --reps.
+
+    A process of its own makes the peak memory the variant's own, and the state of the
+    memory allocator too: memory another variant had left mapped or freed changed the times.
+    """
+    torch.set_num_threads(args.threads)
+    dspt.reuse_freed_memory()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
     clip = build_clip(backbone, args, dtype)
+    prompts = build_prompts(clip, variant, args)
     images = torch.randn(args.batch, 3, 224, 224).to(args.device, dtype)
     target = torch.randint(args.classes, (args.batch,)).to(args.device)
-    prompts = {variant: build_prompts(clip, variant, args) for variant in variants}
-    return prompts, {variant: make_step(clip, p, images, target, args) for variant, p in prompts.items()}
-
-
-def time_steps(backbone, args):
-    """Median seconds of the step and of its parts, for each variant.
-
-    The variants' steps take turns, so that a change in the machine's load hits all of them alike.
-    """
-    prompts, steps = setup(backbone, args.variants, args)
-    times = {variant: [] for variant in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(args.reps):
-        for variant, step in steps.items():
-            times[variant].append(step())
-    results = {}
-    for variant, parts in times.items():
-        image_s, text_s = zip(*parts)
-        results[variant] = dict(step=statistics.median(i + t for i, t in parts), image=statistics.median(image_s),
-                                text=statistics.median(text_s), tokens=text_tokens(prompts[variant]))
-    return results
-
-
-def peak_memory(backbone, variant, args):
-    """Run in a fresh process: the peak memory of one step, and its increase over the memory before it."""
-    torch.set_num_threads(args.threads)
-    _, steps = setup(backbone, [variant], args)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        steps[variant]()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        before = resident_memory("VmRSS")
-        steps[variant]()
-        peak = resident_memory("VmHWM")
-    return peak, peak - before
+    step = make_step(clip, prompts, images, target, args)
+    tokens = text_tokens(prompts)
+    cuda = args.device.startswith("cuda")
+    before = torch.cuda.memory_allocated() if cuda else resident_memory("VmRSS")
+    step()  # warm-up
+    image_s, text_s = zip(*(step() for _ in range(args.reps)))
+    peak = torch.cuda.max_memory_allocated() if cuda else resident_memory("VmHWM")
+    return dict(step=statistics.median(i + t for i, t in zip(image_s, text_s)), image=statistics.median(image_s),
+                text=statistics.median(text_s), tokens=tokens, peak=peak, increase=peak - before)
 
 
 def machine(args):
@@ -246,6 +225,7 @@ def parse_args(argv=None):
         help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (env DSPT_BPE); by default downloaded")
     add("--skip-check", action="store_true", help="do not check first that the variants agree")
     args = parser.parse_args(argv)
+    args.variants = sorted(set(args.variants))
     if not 2 <= args.classes <= len(CALTECH101):
         parser.error(f"--classes must be between 2 and {len(CALTECH101)} (the Caltech101 names)")
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
@@ -267,18 +247,17 @@ def main(argv=None):
     for backbone in args.backbones:
         if not args.skip_check:
             check_equivalence(backbone, args)
-        results = time_steps(backbone, args)
-        for variant, r in results.items():
-            # in a fresh process, so that the peak is this variant's alone
+        results = {}
+        for variant in args.variants:
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                r["peak"], r["increase"] = pool.submit(peak_memory, backbone, variant, args).result()
+                results[variant] = r = pool.submit(run_variant, backbone, variant, args).result()
             base = results.get("a")
             speedup = (f"{base['step'] / r['step']:.1f}x | {base['text'] / r['text']:.1f}x" if base else "- | -")
             rows.append(f"| {backbone} | {VARIANTS[variant]} | {r['tokens']} | {r['step']:.3f} | {r['text']:.3f} | "
                         f"{r['image']:.3f} | {speedup} | {r['peak'] / 2**30:.2f} | {r['increase'] / 2**30:.2f} |")
             print(rows[-1], f"load average {os.getloadavg()[0]:.2f}", flush=True)
     memory = ("peak CUDA memory allocated" if args.device.startswith("cuda")
-              else "peak resident memory (RSS) of a fresh process that ran one step")
+              else "peak resident memory (RSS) of the variant's process")
     print(f"\nmachine: {machine(args)}")
     print(f"{args.classes} classes, batch {args.batch}, {N_CTX} context tokens, {args.precision}, "
           f"median of {args.reps} steps after 1 warm-up; load average at the end {os.getloadavg()[0]:.2f}\n")
@@ -288,7 +267,7 @@ def main(argv=None):
     print("\n".join(rows))
     print(f"\ntext tokens: positions through the text transformer per step. text s: text encoding forward, "
           f"loss, backward and SGD update; image s: image encoding (no gradient). peak mem: {memory}, "
-          f"model included; step mem: its increase over the memory held before the step. "
+          f"model included; step mem: its increase over the memory held before the first step. "
           f"Speed-ups against (a) of the same run. Total {time.perf_counter() - start:.0f} s.")
 
 
