@@ -8,7 +8,7 @@ context and makes an SGD step. The step is timed, and separately its two parts, 
     (a) full:      every class's whole 77-token prompt through the text transformer, as CoOp does;
     (b) truncated: the same, cut after the last EOT (later positions cannot affect it);
     (c) dspt:      dspt.PromptLearner, which packs the prompts into rows that share the
-                   prefix "[SOT] ctx" and hold no padding (dspt.pack_prompts).
+                   prefix "[SOT] ctx", without the padding after each EOT (dspt.pack_prompts).
 
 The models are CLIP's real RN50 and ViT-B/32 architectures with random weights; the class
 names are Caltech101's. Before timing, (a), (b) and (c) must give the same logits and the
