@@ -804,7 +804,8 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
     # its middle falls in, so rows are at most about a suffix longer than row_length.
     n_rows = -(-int(lengths.sum()) // (row_length - n_prefix))
     middle_of = ((2 * first + lengths) * n_rows) // (2 * lengths.sum())
-    n_rows, row_of = len(middle_of.unique()), middle_of.unique(return_inverse=True)[1]  # no empty rows
+    used_rows, row_of = middle_of.unique(return_inverse=True)  # renumbered: no empty rows
+    n_rows = len(used_rows)
     length = n_prefix + max(int(lengths[row_of == r].sum()) for r in range(n_rows))
     index = torch.full((n_rows, length), n_prefix + int(lengths.sum()))  # padding by default
     position = torch.zeros(n_rows, length, dtype=torch.long)
