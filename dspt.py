@@ -802,10 +802,10 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
     first = lengths.cumsum(0) - lengths  # where each suffix starts among all suffix tokens
     # Cut the suffix tokens, in order, into n_rows equal parts; each suffix goes to the row
     # its middle falls in, so rows are at most about a suffix longer than row_length.
-    n_rows = -(-int(lengths.sum()) // (row_length - n_prefix))
-    middle_of = ((2 * first + lengths) * n_rows) // (2 * lengths.sum())
-    used_rows, row_of = middle_of.unique(return_inverse=True)  # renumbered: no empty rows
-    n_rows = len(used_rows)
+    parts = -(-int(lengths.sum()) // (row_length - n_prefix))
+    part_of_middle = ((2 * first + lengths) * parts) // (2 * lengths.sum())
+    used_parts, row_of = part_of_middle.unique(return_inverse=True)  # renumbered: no empty rows
+    n_rows = len(used_parts)
     length = n_prefix + max(int(lengths[row_of == r].sum()) for r in range(n_rows))
     index = torch.full((n_rows, length), n_prefix + int(lengths.sum()))  # padding by default
     position = torch.zeros(n_rows, length, dtype=torch.long)
@@ -822,8 +822,7 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
         at[r] += n
         eot_index[c] = r * length + at[r] - 1
     query, key = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    return index, position, causal & ((key == -1) | (key == query)), eot_index
+    return index, position, causal_mask(length) & ((key == -1) | (key == query)), eot_index
 
 
 # -----------------------------------------------------------------------------
