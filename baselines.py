@@ -1,6 +1,6 @@
 """
-DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt and PTNL's unsupervised prompt
-tuning, each a small change to dspt.py's run, which they import and reuse (model, data, label
+DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt and UPL's confident pseudo-labels,
+each a small change to dspt.py's run, which they import and reuse (model, data, label
 noise, prompt learner, losses, training loop, evaluation, outputs).
 
     python baselines.py --method prograd --loss ce --data ./caltech101 --noise 0.5
@@ -13,11 +13,12 @@ Every flag of dspt.py means the same here; --method picks the only thing that ch
     nlprompt    NLPrompt (Pan et al., CVPR 2025): each epoch, optimal transport between the
                 images and the class prompts splits the samples; cross-entropy for those whose
                 transport label is their given label, MAE (1 - p_y) for the rest (--loss unused)
-    ptnl-unsup  PTNL's unsupervised mode (Wu et al., ICCV 2023): no labels; zero-shot CLIP labels
-                the whole train split, the --shots most confident images of each predicted class
-                are kept, and the prompt is tuned on those pseudo-labels with --loss
+    upl         UPL's top-K pseudo-labels (Huang et al., 2022), the unsupervised setting PTNL
+                (Wu et al., ICCV 2023) discusses: no labels; zero-shot CLIP labels the whole train
+                split, the --shots most confident images of each predicted class are kept, and
+                the prompt is tuned on those pseudo-labels with --loss
 
-Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); PTNL's pseudo-labels; main.
+Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); UPL's pseudo-labels; main.
 """
 
 import math
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 import dspt
 
-METHODS = ["coop", "prograd", "nlprompt", "ptnl-unsup"]
+METHODS = ["coop", "prograd", "nlprompt", "upl"]
 
 
 # -----------------------------------------------------------------------------
@@ -64,11 +65,13 @@ class ProGrad:
     Each step takes the gradients of the domain loss and of the KL to zero-shot CLIP's
     prediction (the template's text features) with respect to the context, and projects the
     first as project_conflicting_gradient says. The KL only gives a direction; it is never
-    added to the update.
+    added to the update. Both gradients are taken of the losses times the scaler's current
+    scale and divided by it again, so that in fp16 they do not underflow (ProGrad's released
+    code takes them unscaled); the projection does not depend on the scale of the direction.
     """
 
-    def __init__(self, learner, loss_fn, zero_shot_text_features, strength=1.0):
-        self.learner, self.loss_fn, self.strength = learner, loss_fn, strength
+    def __init__(self, learner, loss_fn, zero_shot_text_features, scaler, strength=1.0):
+        self.learner, self.loss_fn, self.strength, self.scaler = learner, loss_fn, strength, scaler
         self.zero_shot_text_features = zero_shot_text_features
         self.conflicts = {}  # epoch -> [steps whose gradients conflicted, steps]
 
@@ -78,8 +81,10 @@ class ProGrad:
         with torch.no_grad():
             zero_shot_logits = clip.logits(image_features, self.zero_shot_text_features)
         loss = self.loss_fn(logits, target)
-        (domain_gradient,) = torch.autograd.grad(loss, ctx, retain_graph=True)
-        (kl_gradient,) = torch.autograd.grad(kl_to_zero_shot(logits, zero_shot_logits), ctx)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        (domain_gradient,) = torch.autograd.grad(loss * scale, ctx, retain_graph=True)
+        (kl_gradient,) = torch.autograd.grad(kl_to_zero_shot(logits, zero_shot_logits) * scale, ctx)
+        domain_gradient = domain_gradient / scale
         gradient = project_conflicting_gradient(domain_gradient, kl_gradient, self.strength)
         counts = self.conflicts.setdefault(epoch, [0, 0])
         counts[0] += gradient is not domain_gradient  # without a conflict, g itself comes back
@@ -87,9 +92,8 @@ class ProGrad:
         # train() calls backward() on what this returns, so return a scalar whose value is the
         # domain loss and whose gradient with respect to ctx is the projected gradient:
         # <ctx, g'> - <ctx, g'>.detach() is exactly 0 and has gradient g'. The backward pass
-        # stops at ctx (a leaf), so it is cheap. A GradScaler scales the loss and unscales the
-        # gradient, so it passes g' through unchanged. The two gradients above are taken
-        # without loss scaling (ProGrad's released code has none either).
+        # stops at ctx (a leaf), so it is cheap. The GradScaler scales this loss and unscales the
+        # gradient, so it passes g' through unchanged; if g' overflowed, the step is skipped.
         inner = (ctx * gradient).sum()
         return logits.detach(), loss.detach() + (inner - inner.detach())
 
@@ -199,7 +203,7 @@ class NLPrompt:
 
 
 # -----------------------------------------------------------------------------
-# PTNL's unsupervised mode: zero-shot CLIP's most confident predictions as labels.
+# UPL: zero-shot CLIP's most confident predictions as labels.
 
 def select_confident_per_class(probabilities, k):
     """(indices, predicted classes) of the k samples of each predicted class with the highest
@@ -238,13 +242,14 @@ def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args
 def parse_args(argv=None):
     """dspt.py's flags, and --method and --prograd-lambda."""
     parser = dspt.build_parser()
-    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, PTNL unsupervised) under dspt.py's "
+    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, UPL) under dspt.py's "
                           "protocol: every flag of dspt.py applies, and --method picks the method.")
     add = parser.add_argument
     add("--method", choices=METHODS, default="coop",
-        help="coop: dspt.py's run, CoOp with --loss; prograd: ProGrad with --loss as its domain loss; "
+        help="coop: dspt.py's run, CoOp with --loss; prograd: ProGrad with --loss as its domain loss "
+             "(as published: --loss ce --ctx-init 'a photo of a' --n-ctx 16 --epochs 200); "
              "nlprompt: NLPrompt, cross-entropy on the samples optimal transport calls clean and MAE "
-             "on the rest, whatever --loss says; ptnl-unsup: PTNL's unsupervised mode, --loss on "
+             "on the rest, whatever --loss says; upl: UPL's pseudo-labels, --loss on "
              "zero-shot CLIP's --shots most confident images per class, no labels, no --noise "
              "(default %(default)s)")
     add("--prograd-lambda", type=float, default=1.0, metavar="LAMBDA",
@@ -256,8 +261,8 @@ def check_args(args):
     """dspt.check_args, the method's own checks, and the method in the default --out."""
     if not 0 <= args.prograd_lambda <= 1:
         raise dspt.UserError(f"--prograd-lambda {args.prograd_lambda} is outside [0, 1]")
-    if args.method == "ptnl-unsup" and args.noise:
-        raise dspt.UserError("--method ptnl-unsup trains on zero-shot CLIP's pseudo-labels, which "
+    if args.method == "upl" and args.noise:
+        raise dspt.UserError("--method upl trains on zero-shot CLIP's pseudo-labels, which "
                              "have their own noise; leave --noise at 0")
     default_out = args.out is None
     dspt.check_args(args)
@@ -272,7 +277,7 @@ def run(args):
     with torch.no_grad(), dspt.autocast(args):
         template_features = clip.encode_text(tokenizer.tokenize(
             [args.template.format(name) for name in classnames]).to(args.device))
-    if args.method == "ptnl-unsup":
+    if args.method == "upl":
         pool_size = len(train_items)
         train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
             clip, preprocess, train_items, template_features, args)
@@ -293,9 +298,9 @@ def run(args):
     print(f"zero-shot test accuracy {zero_shot:.2%}")
 
     learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    loss_fn, step_loss, method = dspt.LOSSES[args.loss], None, None
+    loss_fn, step_loss, method, scaler = dspt.LOSSES[args.loss], None, None, dspt.grad_scaler(args)
     if args.method == "prograd":
-        method = ProGrad(learner, loss_fn, template_features, args.prograd_lambda)
+        method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
         step_loss = method.step_loss
     elif args.method == "nlprompt":
         with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
@@ -303,7 +308,7 @@ def run(args):
                                                          "encoding training images for optimal transport")
         method = NLPrompt(learner, features, kept_train, labels, noisy)
         loss_fn, step_loss = method.loss, method.step_loss
-    history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss)
+    history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss, scaler)
     if method:
         for epoch, record in enumerate(history):
             record.update(method.epoch_record(epoch))
@@ -326,6 +331,7 @@ def run(args):
 def main(argv=None):
     """Train and evaluate; returns the metrics. A user error exits with one line and status 1."""
     args = parse_args(argv)
+    dspt.reuse_freed_memory()
     try:
         return run(args)
     except dspt.UserError as e:

@@ -159,7 +159,10 @@ class Tokenizer:
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         # The vocabulary has 49,408 entries: 256 bytes, the same with </w>, the merges, 2 specials.
-        merges = [tuple(line.split()) for line in lines[1:1 + 49408 - 2 * 256 - 2]]  # line 0: header
+        n_merges = 49408 - 2 * 256 - 2
+        merges = [tuple(line.split()) for line in lines[1:1 + n_merges] if line]  # line 0: header
+        if len(merges) != n_merges or any(len(merge) != 2 for merge in merges):
+            raise ValueError(f"it holds {len(merges)} merges, CLIP's vocabulary needs {n_merges} pairs")
         self.byte_encoder = bytes_to_unicode()
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
@@ -224,7 +227,11 @@ def load_tokenizer(bpe_path=None, cache_dir=DEFAULT_CACHE):
                         f"bpe_simple_vocab_16e6.txt.gz, or leave --bpe unset to download it")
     if not bpe_path:
         bpe_path = download(BPE_URL, Path(cache_dir) / "bpe_simple_vocab_16e6.txt.gz", BPE_SHA256)
-    return Tokenizer(bpe_path)
+    try:
+        return Tokenizer(bpe_path)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read the BPE merges file {bpe_path} ({str(e).splitlines()[0]}); give "
+                        f"the path of bpe_simple_vocab_16e6.txt.gz as it is distributed") from None
 
 
 def tokenize(texts, context_length=77, truncate=False):
@@ -434,6 +441,11 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
 
+    @property
+    def dtype(self):
+        """The type of the matrix weights: fp32, or fp16/bf16 after convert_weights."""
+        return self.visual.conv1.weight.dtype
+
     def encode_image(self, image):
         return self.visual(image)
 
@@ -441,7 +453,7 @@ class CLIP(nn.Module):
         """Token ids [N, context_length] -> text features [N, embed_dim]."""
         eot = tokens.argmax(dim=-1)  # EOT has the largest id
         length = int(eot.max()) + 1  # positions after the last EOT cannot affect it (causal mask)
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
+        x = (self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]).to(self.dtype)
         x = self.transformer(x, causal_mask(length, device=x.device))
         return self.ln_final(x[torch.arange(len(x)), eot]) @ self.text_projection
 
@@ -501,6 +513,19 @@ def build_model(state_dict):
         transformer_layers=count_blocks(state_dict, "transformer.resblocks"),
     )
     model.load_state_dict(state_dict)
+    return model
+
+
+def convert_weights(model, dtype):
+    """Cast the matrix weights (convolutions, linear layers, attention, the two projections) to
+    dtype, as OpenAI's fp16 model has them; norms and embeddings stay in fp32."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, Attention)):
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.to(dtype)
+    for parameter in (model.text_projection, getattr(model.visual, "proj", None)):
+        if parameter is not None:
+            parameter.data = parameter.data.to(dtype)
     return model
 
 
@@ -570,9 +595,13 @@ def images_in(folder):
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def split_per_class(items, num_classes, seed, fractions=(0.5, 0.2)):
-    """Seeded per-class split into train, val and test: 50%, 20% and the remaining 30%."""
-    rng = np.random.default_rng(seed)
+SPLIT_SEED = 1  # one split for every --seed, as CoOp has one split file for all
+
+
+def split_per_class(items, num_classes, fractions=(0.5, 0.2)):
+    """Per-class split into train, val and test: 50%, 20% and the remaining 30%, the same on
+    every run (seeded with SPLIT_SEED): only the few-shot sample varies with --seed."""
+    rng = np.random.default_rng(SPLIT_SEED)
     train, test = [], []
     for c in range(num_classes):
         members = [items[i] for i in rng.permutation(len(items)) if items[i][1] == c]
@@ -583,7 +612,7 @@ def split_per_class(items, num_classes, seed, fractions=(0.5, 0.2)):
     return train, test
 
 
-def load_caltech101(root, images_root, seed):
+def load_caltech101(root, images_root):
     """CoOp's Caltech101: 100 classes, CoOp's names; its fixed split file if it is there."""
     folders = [d for d in class_folders(images_root) if d.name not in CALTECH_DROPPED]
     classnames = [CALTECH_RENAMED.get(d.name, d.name).replace("_", " ") for d in folders]
@@ -594,10 +623,10 @@ def load_caltech101(root, images_root, seed):
                 return [(images_root / path, int(label)) for path, label, _ in split[name]]
             return classnames, items("train"), items("test")
     items = [(p, c) for c, d in enumerate(folders) for p in images_in(d)]
-    return classnames, *split_per_class(items, len(folders), seed)
+    return classnames, *split_per_class(items, len(folders))
 
 
-def load_image_folder(root, seed):
+def load_image_folder(root):
     """A folder of class folders, or train/ and test/ folders of class folders."""
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -611,11 +640,11 @@ def load_image_folder(root, seed):
         folders = class_folders(root)
         names = [d.name for d in folders]
         train, test = split_per_class([(p, c) for c, d in enumerate(folders) for p in images_in(d)],
-                                      len(folders), seed)
+                                      len(folders))
     return [name.replace("_", " ") for name in names], train, test
 
 
-def load_dataset(root, seed, download=False):
+def load_dataset(root, download=False):
     """(classnames, train items, test items); an item is (image path, label)."""
     root = Path(root)
     if download and not root.exists():
@@ -625,10 +654,10 @@ def load_dataset(root, seed, download=False):
                         f"--download to fetch Caltech101 into it")
     for images_root in (root / "101_ObjectCategories", root / "caltech101" / "101_ObjectCategories"):
         if images_root.is_dir():
-            classnames, train, test = load_caltech101(root, images_root, seed)
+            classnames, train, test = load_caltech101(root, images_root)
             break
     else:
-        classnames, train, test = load_image_folder(root, seed)
+        classnames, train, test = load_image_folder(root)
     if len(classnames) < 2 or not train or not test:
         raise UserError(f"data folder {root} holds no usable dataset: it needs at least two "
                         f"class folders of images (see --help for the layouts)")
@@ -729,8 +758,10 @@ def inject_label_noise(labels, num_classes, rate, kind="sym", seed=0):
 class PromptLearner(nn.Module):
     """Context vectors shared by all classes, and the text features of the prompts they make.
 
-    Only `ctx` is trained; `clip` stays frozen. The context starts as N(0, 0.02) noise, or
-    as the word embeddings of ctx_init (then n_ctx is its number of tokens).
+    Only `ctx` is trained; `clip` stays frozen. The context starts as n_ctx vectors of
+    N(0, 0.02) noise (CoOp), or as the word embeddings of ctx_init; n_ctx is then its number
+    of tokens (CoOp), or, if larger, the words come after n_ctx - (that number) zero vectors
+    (ProGrad's "a photo of a" padded to 16).
 
     CoOp runs every class's whole prompt "[SOT] ctx_1 .. ctx_n name . [EOT]", padded to 77
     tokens, through the text transformer, forward and backward, at every step. This computes
@@ -749,23 +780,33 @@ class PromptLearner(nn.Module):
     the causal mask keeps from affecting it, is not computed at all.
     """
 
-    def __init__(self, clip, classnames, tokenizer, n_ctx=16, ctx_init=None):
+    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
         super().__init__()
         self.clip = clip
         embed = clip.token_embedding
-        device = embed.weight.device
+        device, context_length = embed.weight.device, clip.positional_embedding.shape[0]
         if ctx_init:
-            init_tokens = tokenizer.tokenize(ctx_init)[0]
-            n_ctx = int(init_tokens.argmax()) - 1
+            try:
+                init_tokens = tokenizer.tokenize(ctx_init, context_length)[0]
+            except ValueError:
+                raise UserError(f"--ctx-init {ctx_init!r} is longer than the text context of "
+                                f"{context_length} tokens; give a few words such as \"a photo of a\"") from None
+            n_words = int(init_tokens.argmax()) - 1  # EOT has the largest id
+            n_ctx = n_ctx or n_words
+            if not 0 < n_words <= n_ctx:
+                raise UserError(f"--ctx-init {ctx_init!r} is {n_words} tokens, which does not fit "
+                                f"--n-ctx {n_ctx}; give at least one word and an --n-ctx of at least {n_words}")
             with torch.no_grad():
-                ctx = embed(init_tokens[1:1 + n_ctx].to(device)).float()
+                words = embed(init_tokens[1:1 + n_words].to(device)).float()
+            ctx = torch.cat([torch.zeros(n_ctx - n_words, embed.embedding_dim, device=device), words])
         else:
-            ctx = torch.randn(n_ctx, embed.embedding_dim, device=device) * 0.02
+            ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
+        n_ctx = len(ctx)
         self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
         # Every "x" stands for one context vector; its embedding is replaced by ctx.
         prompts = [" ".join(["x"] * n_ctx) + f" {name}." for name in classnames]
         try:
-            tokens = tokenizer.tokenize(prompts, clip.positional_embedding.shape[0])
+            tokens = tokenizer.tokenize(prompts, context_length)
         except ValueError as e:
             raise UserError(f"a prompt does not fit: {e}") from None
         n_prefix, ends = 1 + n_ctx, tokens.argmax(dim=-1).tolist()  # EOT has the largest id
@@ -781,8 +822,8 @@ class PromptLearner(nn.Module):
     def text_features(self):
         """[C, embed_dim], differentiable with respect to ctx."""
         clip = self.clip
-        pieces = torch.cat([self.sot_embedding, self.ctx.to(self.sot_embedding.dtype), self.suffix_embedding])
-        x = pieces[self.index] + clip.positional_embedding[self.position]  # [rows, length, D]
+        pieces = torch.cat([self.sot_embedding, self.ctx, self.suffix_embedding])  # all fp32
+        x = (pieces[self.index] + clip.positional_embedding[self.position]).to(clip.dtype)  # [rows, length, D]
         x = clip.transformer(x, self.mask[:, None])  # the mask is the same for every head
         return clip.ln_final(x.flatten(0, 1)[self.eot_index]) @ clip.text_projection
 
@@ -888,8 +929,15 @@ def autocast(args):
 
 
 def learning_rate(epoch, args):
-    """CoOp's schedule: one warm-up epoch at 1e-5, then cosine decay from args.lr."""
-    return 1e-5 if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    """CoOp's schedule (Dassl's constant warm-up, then cosine over --epochs): epoch 0 at 1e-5,
+    then epoch e >= 1 at 0.5 lr (1 + cos(pi (e - 1) / epochs)), the full lr first."""
+    return 1e-5 if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+def grad_scaler(args):
+    """Loss scaling for fp16 (amp, or CLIP in fp16): DSPT's gradients are deliberately tiny and
+    would underflow in fp16 without it."""
+    return torch.amp.GradScaler("cuda", enabled=args.precision in ("fp16", "amp"))
 
 
 def per_sample_gradient_norms(loss_fn, logits, target):
@@ -903,13 +951,14 @@ def accuracy(logits, labels):
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
-def train(learner, items, labels, noisy, loss_fn, args, step_loss=None):
+def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=None):
     """Tune learner.ctx on items with the given (partly wrong) labels; noisy marks the wrong ones.
 
     Returns the per-epoch history. Without augmentation the images' features never change,
     so they are encoded once and the epochs train on them. step_loss(image_features, target,
     index, epoch) -> (logits, loss) replaces the plain loss_fn(logits, target) for methods
     that need more than the logits (baselines.py); loss_fn still gives the gradient diagnostics.
+    scaler: the step_loss's grad_scaler(args), if it needs one itself.
     """
     clip = learner.clip
 
@@ -919,7 +968,7 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None):
 
     step_loss = step_loss or plain_loss
     optimizer = torch.optim.SGD([learner.ctx], lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "amp")
+    scaler = scaler or grad_scaler(args)
     generator = torch.Generator().manual_seed(args.seed)
     batch_size = min(args.batch_size, len(items))
     if args.no_augment:
@@ -995,7 +1044,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
         epilog="Data layouts for --data: (a) Caltech101 as CoOp has it, DIR/101_ObjectCategories, with "
-               "DIR/split_zhou_Caltech101.json used if present (else a seeded 50/20/30 split per class); "
+               "DIR/split_zhou_Caltech101.json used if present (else a fixed 50/20/30 split per class, the same for every --seed); "
                "(b) torchvision's Caltech101, DIR/caltech101/101_ObjectCategories; (c) any folder of class "
                "folders of images (split 50/20/30 per class), or DIR/train and DIR/test folders of class folders.")
     add = parser.add_argument
@@ -1013,13 +1062,16 @@ def build_parser():
     add("--noise-kind", choices=["sym", "pair"], default="sym",
         help="sym: a random other class; pair: class y becomes y + 1 (default %(default)s)")
     add("--loss", choices=list(LOSSES), default="dspt", help="training loss (default %(default)s)")
-    add("--n-ctx", type=int, default=16, metavar="N", help="learned context vectors (default %(default)s)")
+    add("--n-ctx", type=int, metavar="N",
+        help="learned context vectors (default 16, or as many as --ctx-init has tokens)")
     add("--ctx-init", default="", metavar="WORDS", help='initialise the context from these words, e.g. '
-        '"a photo of a", instead of N(0, 0.02) noise; overrides --n-ctx')
+        '"a photo of a", instead of N(0, 0.02) noise; with a larger --n-ctx, zero vectors come first '
+        '(ProGrad: --ctx-init "a photo of a" --n-ctx 16)')
     add("--template", default="a photo of a {}.",
         help="zero-shot prompt, {} stands for the class name (default %(default)r)")
     add("--epochs", type=int, default=50, metavar="N",
-        help="training epochs, the first a warm-up at lr 1e-5 (default %(default)s)")
+        help="training epochs, the first a warm-up at lr 1e-5 (default %(default)s, PTNL's setting; "
+             "CoOp, ProGrad and NLPrompt train 200 at 16 shots)")
     add("--batch-size", type=int, default=32, metavar="N", help="images per step (default %(default)s)")
     add("--lr", type=float, default=0.002, help="SGD learning rate before cosine decay (default %(default)s)")
     add("--no-augment", action="store_true",
@@ -1028,8 +1080,7 @@ def build_parser():
     add("--precision", choices=["fp32", "fp16", "bf16", "amp"],
         help="fp16/bf16: frozen CLIP in that type; amp: fp32 weights with fp16 autocast "
              "(default: amp on CUDA, fp32 on CPU)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default %(default)s)")
+    add("--device", help="torch device (default: cuda if this torch can use it, else cpu)")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
         help="image loading processes (default %(default)s)")
     add("--seed", type=int, default=1,
@@ -1042,16 +1093,33 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def gpu_is_visible():
+    """Whether the system shows an NVIDIA GPU, whether or not torch can use it."""
+    return any(Path("/dev").glob("nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
+
+
 def check_args(args):
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise {args.noise} is outside [0, 1); give a fraction such as 0.5")
     for name in ("shots", "n_ctx", "epochs", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if "{}" not in args.template:
-        raise UserError(f"--template {args.template!r} has no {{}} where the class name goes")
+    try:
+        slots = args.template.count("{}") if args.template.format("") is not None else 0
+    except (IndexError, KeyError, ValueError):
+        slots = 0
+    if slots != 1:
+        raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, "
+                        f"and no other braces; e.g. \"a photo of a {{}}.\"")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu" and gpu_is_visible():
+            warn(f"an NVIDIA GPU is visible but this torch ({torch.__version__}) cannot use CUDA, so "
+                 f"training runs on the CPU, many times slower; install a CUDA build of torch, or "
+                 f"pass --device cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise UserError(f"--device {args.device} was asked for but this torch ({torch.__version__}) "
+                        f"cannot use CUDA; install a CUDA build of torch, or use --device cpu")
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
     if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
         raise UserError(f"--precision {args.precision} needs a CUDA device; use fp32 or bf16 on the CPU")
@@ -1065,11 +1133,10 @@ def check_args(args):
 def load(args):
     """(classnames, train items, test items, tokenizer, clip, preprocess) for checked args."""
     torch.manual_seed(args.seed)
-    reuse_freed_memory()
-    classnames, train_items, test_items = load_dataset(args.data, args.seed, args.download)
+    classnames, train_items, test_items = load_dataset(args.data, args.download)
     tokenizer = load_tokenizer(args.bpe, args.cache_dir)
     clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
-    clip.to(args.dtype)
+    convert_weights(clip, args.dtype)
     return classnames, train_items, test_items, tokenizer, clip, preprocess
 
 
@@ -1125,6 +1192,7 @@ def run(args):
 def main(argv=None):
     """Train and evaluate; returns the metrics. A user error exits with one line and status 1."""
     args = parse_args(argv)
+    reuse_freed_memory()
     try:
         return run(args)
     except UserError as e:
