@@ -1104,11 +1104,14 @@ def check_args(args):
     for name in ("shots", "n_ctx", "epochs", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.n_ctx is None and not args.ctx_init:
+        args.n_ctx = 16  # CoOp's; with --ctx-init, the number of its tokens
     try:
-        slots = args.template.count("{}") if args.template.format("") is not None else 0
+        args.template.format("")  # fails on other braces
+        one_slot = args.template.count("{}") == 1
     except (IndexError, KeyError, ValueError):
-        slots = 0
-    if slots != 1:
+        one_slot = False
+    if not one_slot:
         raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, "
                         f"and no other braces; e.g. \"a photo of a {{}}.\"")
     if args.device is None:

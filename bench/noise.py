@@ -30,11 +30,12 @@ except that there is no augmentation (--no-augment), because CoOp's random resiz
 0.08-1) would often cut the object out of a 32-pixel image. Test accuracy on 1000 clean images.
 
 The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, dspt), and the peers
-of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and
-NLPrompt (optimal transport splits the samples; CE on the clean, MAE on the rest). PTNL's
-unsupervised mode has no labels, hence no noise axis: zero-shot CLIP pseudo-labels the whole pool
-of 500 training images, the 16 most confident per predicted class are kept, and the prompt is
-tuned on them with the dspt loss and with ce; it gets its own table.
+of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and its
+published initialisation ("a photo of a" after 12 zero vectors), trained 50 epochs under DSPT's
+protocol where the paper trains 200; and NLPrompt (optimal transport splits the samples; CE on the
+clean, MAE on the rest). UPL's pseudo-labelling has no labels, hence no noise axis: zero-shot CLIP
+pseudo-labels the whole pool of 500 training images, the 16 most confident per predicted class are
+kept, and the prompt is tuned on them with the dspt loss and with ce; it gets its own table.
 
     python bench/noise.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
     python bench/noise.py --quick     # shorter pretraining, one seed, three noise settings
@@ -348,8 +349,9 @@ def with_records(history, method):
 
 
 def tune_prograd(learner, items, labels, noisy, args, task):
-    """ProGrad as published: cross-entropy as the domain loss, lambda 1."""
-    method = baselines.ProGrad(learner, dspt.LOSSES["ce"], task["template"], strength=1.0)
+    """ProGrad as published: cross-entropy as the domain loss, lambda 1 (its context starts from
+    CONTEXT_INIT)."""
+    method = baselines.ProGrad(learner, dspt.LOSSES["ce"], task["template"], dspt.grad_scaler(args), strength=1.0)
     return with_records(dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss),
                         method)
 
@@ -368,21 +370,23 @@ def tune_nlprompt(learner, items, labels, noisy, args, task):
 # and the image transform ("preprocess").
 METHODS = {**{loss: tune_with_loss(loss) for loss in ("ce", "gce", "mae", "dspt")},
            "prograd": tune_prograd, "nlprompt": tune_nlprompt}
-# PTNL's unsupervised mode has no labels, hence no noise axis: its own small grid, over these losses.
-PTNL_LOSSES = ["dspt", "ce"]
+# The context's initial words, where a method publishes one (after zero vectors up to --n-ctx 16).
+CONTEXT_INIT = {"prograd": "a photo of a"}
+# UPL's pseudo-labelling has no labels, hence no noise axis: its own small grid, over these losses.
+UPL_LOSSES = ["dspt", "ce"]
 
 
 def run_cell(method, clip, tokenizer, classnames, train_items, test, task, args, log):
     """One prompt tuning run as dspt.run does it; the summary of its outcome."""
     items, labels, noisy, _ = dspt.noisy_few_shot(train_items, len(classnames), args)
     return tune_and_evaluate(METHODS[method], clip, tokenizer, classnames, items, labels, noisy, test, task,
-                             args, log)
+                             args, log, CONTEXT_INIT.get(method, ""))
 
 
-def tune_and_evaluate(method, clip, tokenizer, classnames, items, labels, noisy, test, task, args, log):
+def tune_and_evaluate(method, clip, tokenizer, classnames, items, labels, noisy, test, task, args, log, ctx_init=""):
     """Train a fresh prompt learner on (items, labels) with method; the summary of its outcome."""
     torch.manual_seed(args.seed)
-    learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+    learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, ctx_init)
     start = time.time()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         history = method(learner, items, labels, noisy, args, task)
@@ -407,11 +411,11 @@ def mean_pairwise_cosine(text_features):
 
 
 def run_grid(mode, data, clip, preprocess, tokenizer, cache):
-    """(zero-shot CLIP's outcome, the runs, PTNL's runs) over the mode's seeds, noise settings and
-    methods; PTNL's unsupervised runs over the seeds and PTNL_LOSSES."""
+    """(zero-shot CLIP's outcome, the runs, UPL's runs) over the mode's seeds, noise settings and
+    methods; UPL's runs over the seeds and UPL_LOSSES."""
     base = dspt.parse_args(["--data", str(data), "--out", str(Path(cache) / "runs"), *TUNING])
     dspt.check_args(base)
-    classnames, train_items, test_items = dspt.load_dataset(data, base.seed)
+    classnames, train_items, test_items = dspt.load_dataset(data)
     features, kept, _ = dspt.encode_images(clip, test_items, preprocess, base, "encoding test images")
     test = {"features": features, "labels": torch.tensor([test_items[i][1] for i in kept.tolist()])}
     with torch.no_grad():
@@ -435,13 +439,14 @@ def run_grid(mode, data, clip, preprocess, tokenizer, cache):
                     runs.append(run)
                     print(f"seed {seed}  {kind} {rate:.0%}  {method:8s} test accuracy {run['test_accuracy']:.1%}"
                           f"  ({run['seconds']:.1f}s)", flush=True)
-        ptnl_runs = run_ptnl(mode, data, base.out, clip, preprocess, tokenizer, classnames, train_items, test,
+        upl_runs = run_upl(mode, data, base.out, clip, preprocess, tokenizer, classnames, train_items, test,
                              task, log)
-    return zero_shot, runs, ptnl_runs
+    return zero_shot, runs, upl_runs
 
 
-def run_ptnl(mode, data, out, clip, preprocess, tokenizer, classnames, train_items, test, task, log):
-    """PTNL's unsupervised mode: zero-shot CLIP labels the whole training pool, the --shots most
+def run_upl(mode, data, out, clip, preprocess, tokenizer, classnames, train_items, test, task, log):
+    """UPL's pseudo-labels (the unsupervised setting PTNL discusses): zero-shot CLIP labels the
+    whole training pool, the --shots most
     confident images of each predicted class are kept, and the prompt is tuned on those pseudo-labels
     (no given labels, no injected noise). The selection depends on no seed; the seeds vary the
     context's initialisation and the batches."""
@@ -453,13 +458,13 @@ def run_ptnl(mode, data, out, clip, preprocess, tokenizer, classnames, train_ite
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             items, pseudo, wrong, _ = baselines.pseudo_labelled_training_set(
                 clip, preprocess, train_items, task["template"], args)
-        for loss in PTNL_LOSSES:
-            run = {"method": "ptnl", "loss": loss, "seed": seed, "pool": len(train_items),
+        for loss in UPL_LOSSES:
+            run = {"method": "upl", "loss": loss, "seed": seed, "pool": len(train_items),
                    "train_images": len(items), "pseudo_label_accuracy": 1 - wrong.float().mean().item(),
                    **tune_and_evaluate(tune_with_loss(loss), clip, tokenizer, classnames, items, pseudo, wrong,
                                        test, task, args, log)}
             runs.append(run)
-            print(f"seed {seed}  ptnl unsupervised, {loss:4s} test accuracy {run['test_accuracy']:.1%} "
+            print(f"seed {seed}  upl, {loss:4s} test accuracy {run['test_accuracy']:.1%} "
                   f"(pseudo-labels {run['pseudo_label_accuracy']:.1%} right)  ({run['seconds']:.1f}s)", flush=True)
     return runs
 
@@ -506,17 +511,17 @@ def transport_table(runs, settings):
     return "\n".join(lines)
 
 
-def ptnl_table(ptnl_runs):
-    """PTNL's unsupervised runs: a row per loss, mean ± std over the seeds."""
+def upl_table(upl_runs):
+    """UPL's runs: a row per loss, mean ± std over the seeds."""
     def mean_std(values, scale=100):
         return f"{scale * np.mean(values):.1f} ± {scale * np.std(values):.1f}"
 
     lines = ["| method | loss | test accuracy (%) | pseudo-label accuracy (%) | images (of pool) "
              "| memorisation (%) |", "|---" * 6 + "|"]
-    for loss in PTNL_LOSSES:
-        rows = [run for run in ptnl_runs if run["loss"] == loss]
+    for loss in UPL_LOSSES:
+        rows = [run for run in upl_runs if run["loss"] == loss]
         memorised = [run["memorisation"] for run in rows if run["memorisation"] is not None]
-        lines.append(f"| ptnl (unsupervised) | {loss} | {mean_std([r['test_accuracy'] for r in rows])} "
+        lines.append(f"| upl | {loss} | {mean_std([r['test_accuracy'] for r in rows])} "
                      f"| {mean_std([r['pseudo_label_accuracy'] for r in rows])} "
                      f"| {rows[0]['train_images']} of {rows[0]['pool']} "
                      f"| {mean_std(memorised) if memorised else '-'} |")
@@ -534,7 +539,8 @@ images; final logit scale {pre['logit_scale']:.1f}. Zero-shot accuracy with "a p
 10%), {report['zero_shot_like_pretraining']:.1%} on images drawn as in pretraining. Prompt tuning: 16 shots \
 per class, dspt.py's defaults (16 context vectors, 50 epochs, SGD lr 0.002), no augmentation. \
 Rows ce, gce, mae, dspt: CoOp with that loss; prograd: ProGrad with cross-entropy as its domain loss \
-(lambda 1); nlprompt: NLPrompt (baselines.py). Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
+(lambda 1), its context started from "a photo of a" after 12 zero vectors, 50 epochs (under DSPT's protocol; \
+the paper trains 200); nlprompt: NLPrompt (baselines.py). Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
 
 ## Test accuracy (%)
 
@@ -562,16 +568,16 @@ the fraction of all samples it calls clean
 
 {transport_table(runs, noisy)}
 
-## PTNL unsupervised: no labels; zero-shot pseudo-labels for the whole training pool, the {TUNING[1]} \
+## UPL: no labels; zero-shot pseudo-labels for the whole training pool, the {TUNING[1]} \
 most confident per predicted class kept; tuned 50 epochs as above
 
-{ptnl_table(report["ptnl_runs"])}
+{upl_table(report["upl_runs"])}
 
 Memorisation: last-epoch training accuracy of the images with wrong pseudo-labels, against those labels. \
 The selection depends on no seed; the seeds vary the context's initialisation and the batches.
 
 Wall-clock: pretraining {pre['seconds']:.0f} s{' (cached by an earlier run)' if pre['cached'] else ''}, \
-{len(runs)} + {len(report['ptnl_runs'])} (PTNL) tuning runs {report['grid_seconds']:.0f} s, the whole command \
+{len(runs)} + {len(report['upl_runs'])} (UPL) tuning runs {report['grid_seconds']:.0f} s, the whole command \
 {report['seconds']:.0f} s, on \
 {report['cpus']} CPUs with {report['threads']} torch thread(s); load average (1 min) {report['load'][0]:.1f} \
 at the start, {report['load'][1]:.1f} at the end.
@@ -633,13 +639,13 @@ def main(argv=None):
     clip, preprocess = dspt.load_clip(str(checkpoint))
     data = downstream_task(args.cache)
     grid_start = time.time()
-    zero_shot, runs, ptnl_runs = run_grid(mode, data, clip, preprocess, tokenizer, args.cache)
+    zero_shot, runs, upl_runs = run_grid(mode, data, clip, preprocess, tokenizer, args.cache)
     report = {"mode": mode, "pretraining": pretraining, "zero_shot": zero_shot,
               "zero_shot_like_pretraining": zero_shot_like_pretraining(clip, tokenizer, "a photo of a {}."),
               "grid_seconds": time.time() - grid_start, "seconds": time.time() - start,
               "load": [load_start, os.getloadavg()[0]], "cpus": os.cpu_count(), "threads": args.threads,
               "model": MODEL, "pretraining_settings": PRETRAINING[mode], "downstream": DOWNSTREAM,
-              "tuning": TUNING, "noise": NOISE[mode], "seeds": SEEDS[mode], "runs": runs, "ptnl_runs": ptnl_runs}
+              "tuning": TUNING, "noise": NOISE[mode], "seeds": SEEDS[mode], "runs": runs, "upl_runs": upl_runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "noise.md").write_text(markdown(report, runs))
     plot(report, runs, out / "noise.png")

@@ -55,10 +55,10 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
             assert 0 <= run["prograd_conflict_fraction"] <= 1
         if run["method"] == "nlprompt" and run["kind"] != "clean":
             assert 0 <= run["ot_clean_fraction"] <= 1 and 0 <= run["ot_noisy_recall"] <= 1
-    # PTNL unsupervised: no noise axis; the whole pool pseudo-labelled, --shots kept per predicted class.
-    ptnl = report["ptnl_runs"]
-    assert [(run["seed"], run["loss"]) for run in ptnl] == [(1, loss) for loss in noise.PTNL_LOSSES]
-    for run in ptnl:
+    # UPL: no noise axis; the whole pool pseudo-labelled, --shots kept per predicted class.
+    upl = report["upl_runs"]
+    assert [(run["seed"], run["loss"]) for run in upl] == [(1, loss) for loss in noise.UPL_LOSSES]
+    for run in upl:
         assert run["pool"] == 500 and 0 < run["train_images"] <= 160
         assert 0 <= run["pseudo_label_accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1
 
@@ -72,10 +72,10 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
         assert abs(mean - 100 * clean[row[0]]) <= 0.05 and std == 0  # one seed
     header, *rows = markdown_table(text, "Memorisation")
     assert header == ["method", "sym 50%", "pair 50%"] and len(rows) == 6
-    header, *rows = markdown_table(text, "PTNL unsupervised")
+    header, *rows = markdown_table(text, "UPL")
     assert header[:4] == ["method", "loss", "test accuracy (%)", "pseudo-label accuracy (%)"]
-    assert [row[1] for row in rows] == noise.PTNL_LOSSES
-    for row, run in zip(rows, ptnl):
+    assert [row[1] for row in rows] == noise.UPL_LOSSES
+    for row, run in zip(rows, upl):
         mean, std = (float(number) for number in row[2].split(" ± "))
         assert abs(mean - 100 * run["test_accuracy"]) <= 0.05 and std == 0
     assert (out / "noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
