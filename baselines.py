@@ -273,7 +273,8 @@ def check_args(args):
 def run(args):
     """Train and evaluate args.method; returns the metrics, also written to --out."""
     check_args(args)
-    classnames, train_items, test_items, tokenizer, clip, preprocess = dspt.load(args)
+    dataset, tokenizer, clip, preprocess = dspt.load(args)
+    classnames, train_items, test_items = dataset.classnames, dataset.train, dataset.test
     with torch.no_grad(), dspt.autocast(args):
         template_features = clip.encode_text(tokenizer.tokenize(
             [args.template.format(name) for name in classnames]).to(args.device))
@@ -282,13 +283,13 @@ def run(args):
         train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
             clip, preprocess, train_items, template_features, args)
         extra = {"pseudo_label_pool": pool_size, "pseudo_label_accuracy": 1 - noisy.float().mean().item()}
-        print(f"{len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
+        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
               f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
               f"{args.backbone} on {args.device} ({args.precision})")
     else:
         train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args)
         extra = {}
-        print(f"{len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
+        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
               f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
 
     test_features, kept, unreadable_test = dspt.encode_images(clip, test_items, preprocess, args,
@@ -319,12 +320,12 @@ def run(args):
     metrics = {
         "method": args.method,
         "args": {k: v for k, v in vars(args).items() if k != "dtype"},
-        "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
+        "dataset": dataset.name, "split": dataset.split, "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
         "unreadable_images": unreadable + unreadable_test,
         "noise_rate": noisy.float().mean().item(), **extra,
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
     }
-    dspt.save_outputs(args, learner, classnames, metrics)
+    dspt.save_outputs(args, learner, dataset, train_items, labels, metrics)
     return metrics
 
 

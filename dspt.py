@@ -17,10 +17,12 @@ label noise; prompt learner; losses; training and evaluation; main.
 """
 
 import argparse
+import csv
 import ctypes
 import gzip
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -34,6 +36,7 @@ import warnings
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import ftfy
 import numpy as np
@@ -580,11 +583,48 @@ def load_clip(name_or_path, device="cpu", cache_dir=DEFAULT_CACHE):
 
 
 # -----------------------------------------------------------------------------
-# Data: Caltech101 in CoOp's or torchvision's layout, or any folder of class folders.
+# Data: CoOp's benchmark datasets from their split files, or any folder of class folders.
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLIT_FILES_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+
+# The datasets of CoOp's protocol: the file that defines the split (FGVCAircraft: its official
+# lists; ImageNet: its class names and train/ and val/ folders), the folders under --data that
+# may hold the images (CoOp's layout first, then torchvision's download), CoOp's zero-shot
+# template, and the torchvision class that can still download the images.
+DATASETS = {
+    "Caltech101": ("split_zhou_Caltech101.json", ["101_ObjectCategories", "caltech101/101_ObjectCategories"],
+                   "a photo of a {}.", "Caltech101"),
+    "OxfordPets": ("split_zhou_OxfordPets.json", ["images", "oxford-iiit-pet/images"],
+                   "a photo of a {}, a type of pet.", "OxfordIIITPet"),
+    "StanfordCars": ("split_zhou_StanfordCars.json", [".", "stanford_cars"], "a photo of a {}.", None),
+    "Flowers102": ("split_zhou_OxfordFlowers.json", ["jpg", "flowers-102/jpg"],
+                   "a photo of a {}, a type of flower.", "Flowers102"),
+    "Food101": ("split_zhou_Food101.json", ["images", "food-101/images"],
+                "a photo of {}, a type of food.", "Food101"),
+    "FGVCAircraft": ("variants.txt", ["images", "fgvc-aircraft-2013b/data/images"],
+                     "a photo of a {}, a type of aircraft.", "FGVCAircraft"),
+    "SUN397": ("split_zhou_SUN397.json", ["SUN397"], "a photo of a {}.", None),
+    "DTD": ("split_zhou_DescribableTextures.json", ["images", "dtd/images", "dtd/dtd/images"],
+            "{} texture.", "DTD"),
+    "EuroSAT": ("split_zhou_EuroSAT.json", ["2750", "eurosat/2750"], "a centered satellite photo of {}.", "EuroSAT"),
+    "UCF101": ("split_zhou_UCF101.json", ["UCF-101-midframes"], "a photo of a person doing {}.", None),
+    "ImageNet": ("classnames.txt", ["images", "."], "a photo of a {}.", None),
+}
+IN_CLASS_FOLDERS = {"Caltech101", "Food101", "DTD", "EuroSAT", "UCF101"}  # the others need their split file
 CALTECH_DROPPED = {"BACKGROUND_Google", "Faces_easy"}
 CALTECH_RENAMED = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+SPLIT_SEED = 1  # a split made here is the same for every --seed, as a split file is
+
+
+class Dataset(NamedTuple):
+    """What a run takes from --data; an item is (image path, label)."""
+    classnames: list
+    train: list
+    test: list
+    split: str     # where the split comes from, for metrics.json
+    name: str      # one of DATASETS, or "image folder"
+    template: str  # CoOp's zero-shot prompt for it
 
 
 def class_folders(root):
@@ -592,87 +632,163 @@ def class_folders(root):
 
 
 def images_in(folder):
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-SPLIT_SEED = 1  # one split for every --seed, as CoOp has one split file for all
+    return sorted(Path(directory) / name for directory, _, names in os.walk(folder)
+                  for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def split_per_class(items, num_classes, fractions=(0.5, 0.2)):
-    """Per-class split into train, val and test: 50%, 20% and the remaining 30%, the same on
-    every run (seeded with SPLIT_SEED): only the few-shot sample varies with --seed."""
+    """Per-class split into train, val and test: 50%, 20% and the remaining 30%, seeded with
+    SPLIT_SEED, so that only the few-shot sample varies with --seed."""
     rng = np.random.default_rng(SPLIT_SEED)
     train, test = [], []
     for c in range(num_classes):
         members = [items[i] for i in rng.permutation(len(items)) if items[i][1] == c]
-        n_train = round(fractions[0] * len(members))
-        n_val = round(fractions[1] * len(members))
+        n_train, n_val = round(fractions[0] * len(members)), round(fractions[1] * len(members))
         train += members[:n_train]
         test += members[n_train + n_val:]
     return train, test
 
 
-def load_caltech101(root, images_root):
-    """CoOp's Caltech101: 100 classes, CoOp's names; its fixed split file if it is there."""
-    folders = [d for d in class_folders(images_root) if d.name not in CALTECH_DROPPED]
-    classnames = [CALTECH_RENAMED.get(d.name, d.name).replace("_", " ") for d in folders]
-    for split_file in (Path(root) / "split_zhou_Caltech101.json", images_root.parent / "split_zhou_Caltech101.json"):
-        if split_file.is_file():
-            split = json.loads(split_file.read_text())
-            def items(name):
-                return [(images_root / path, int(label)) for path, label, _ in split[name]]
-            return classnames, items("train"), items("test")
-    items = [(p, c) for c, d in enumerate(folders) for p in images_in(d)]
-    return classnames, *split_per_class(items, len(folders))
+def file_record(*paths):
+    return ", ".join(f"{path.name} (sha256 {sha256_of(path)})" for path in paths)
 
 
-def load_image_folder(root):
-    """A folder of class folders, or train/ and test/ folders of class folders."""
-    root = Path(root)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        folders = class_folders(root / "train")
-        names = [d.name for d in folders]
-        if [d.name for d in class_folders(root / "test")] != names:
-            raise UserError(f"{root}/train and {root}/test must hold the same class folders")
-        train = [(p, c) for c, d in enumerate(folders) for p in images_in(d)]
-        test = [(p, c) for c, name in enumerate(names) for p in images_in(root / "test" / name)]
-    else:
-        folders = class_folders(root)
-        names = [d.name for d in folders]
-        train, test = split_per_class([(p, c) for c, d in enumerate(folders) for p in images_in(d)],
-                                      len(folders))
-    return [name.replace("_", " ") for name in names], train, test
+def read_split_file(split_file, image_folders):
+    """(classnames, train, test, split) from a CoOp split file {"train": [[path, label, class
+    name], ...], "val": [...], "test": [...]}: the paths are relative to the first of
+    image_folders that holds the first one; a "_" in a class name is read as a space."""
+    try:
+        split = json.loads(split_file.read_text())
+        entries = {part: [(path, int(label), name) for path, label, name in split[part]] for part in ("train", "test")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{split_file} is not a split file in CoOp's format ({type(e).__name__}: {e}); "
+                        f"download it again ({SPLIT_FILES_URL})") from None
+    names = {}
+    for _, label, name in entries["train"] + entries["test"]:
+        if names.setdefault(label, name) != name:
+            raise UserError(f"{split_file} calls label {label} both {names[label]!r} and {name!r}; the file "
+                            f"is damaged, download it again ({SPLIT_FILES_URL})")
+    if sorted(names) != list(range(len(names))):
+        raise UserError(f"{split_file} has labels {sorted(names)[:5]}... that are not 0 to {len(names) - 1}; "
+                        f"the file is damaged, download it again ({SPLIT_FILES_URL})")
+    first = entries["train"][0][0] if entries["train"] else ""
+    images = next((folder for folder in image_folders if (folder / first).is_file()), image_folders[0])
+    missing = [images / path for path, _, _ in entries["train"] + entries["test"] if not (images / path).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of the images {split_file.name} names are missing, e.g. {missing[0]}; "
+                        f"put the dataset's images in {images}")
+    classnames = [names[label].replace("_", " ") for label in range(len(names))]
+    train, test = ([(images / path, label) for path, label, _ in entries[part]] for part in ("train", "test"))
+    return classnames, train, test, file_record(split_file)
 
 
-def load_dataset(root, download=False):
-    """(classnames, train items, test items); an item is (image path, label)."""
+def read_aircraft(lists):
+    """FGVCAircraft from its official lists, as CoOp reads them: variants.txt names the classes in
+    label order; images_variant_{train,test}.txt give "<image id> <variant>" for images/<id>.jpg."""
+    classnames = [line for line in (lists / "variants.txt").read_text().splitlines() if line]
+    label = {name: c for c, name in enumerate(classnames)}
+
+    def items(part):
+        lines = (lists / f"images_variant_{part}.txt").read_text().splitlines()
+        return [(lists / "images" / f"{image}.jpg", label[variant])
+                for image, variant in (line.split(" ", 1) for line in lines if line)]
+    record = file_record(*(lists / f"images_variant_{part}.txt" for part in ("train", "test")))
+    return classnames, items("train"), items("test"), record
+
+
+def read_imagenet(root, image_folders):
+    """ImageNet: train/<wnid>/ and val/<wnid>/ (val is the test set), labels in the sorted order
+    of the wnids, class names from classnames.txt lines "<wnid> <class name>"."""
+    images = next((folder for folder in image_folders if (folder / "train").is_dir() and (folder / "val").is_dir()),
+                  None)
+    if images is None:
+        raise UserError(f"{root} has ImageNet's classnames.txt but no train/ and val/ folders in {root / 'images'} "
+                        f"or {root}; put ImageNet's class folders there")
+    names = dict(line.split(" ", 1) for line in (root / "classnames.txt").read_text().splitlines() if line)
+    wnids = [folder.name for folder in class_folders(images / "train")]
+    for wnid in wnids:
+        if wnid not in names:
+            raise UserError(f"{root / 'classnames.txt'} has no line for the folder {images / 'train' / wnid}; "
+                            f"use CoOp's classnames.txt ({SPLIT_FILES_URL}), which names all 1000 classes")
+    if [folder.name for folder in class_folders(images / "val")] != wnids:
+        raise UserError(f"{images / 'val'} must hold the same class folders as {images / 'train'}")
+    train, test = ([(path, c) for c, wnid in enumerate(wnids) for path in images_in(images / part / wnid)]
+                   for part in ("train", "val"))
+    return [names[wnid] for wnid in wnids], train, test, f"folders {images.name}/train and {images.name}/val"
+
+
+def read_class_folders(folder, dropped=(), renamed=None):
+    """(classnames, train, test, split): a folder of class folders, split here per class."""
+    folders = [d for d in class_folders(folder) if d.name not in dropped]
+    items = [(path, c) for c, d in enumerate(folders) for path in images_in(d)]
+    classnames = [(renamed or {}).get(d.name, d.name).replace("_", " ") for d in folders]
+    return classnames, *split_per_class(items, len(folders)), f"generated, seed {SPLIT_SEED}"
+
+
+def load_dataset(root, download=None):
+    """The Dataset in root: one of CoOp's benchmark, recognised by the file that defines its
+    split or else by its image folder; or any folder of class folders (see build_parser)."""
     root = Path(root)
     if download and not root.exists():
-        download_caltech101(root)
+        download_dataset(download, root)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; give an existing folder, or add "
-                        f"--download to fetch Caltech101 into it")
-    for images_root in (root / "101_ObjectCategories", root / "caltech101" / "101_ObjectCategories"):
-        if images_root.is_dir():
-            classnames, train, test = load_caltech101(root, images_root)
-            break
+                        f"--download NAME to fetch a dataset into it")
+    for name, (split_name, folders, template, _) in DATASETS.items():
+        found = [root / folder for folder in folders if (root / folder).is_dir()]
+        if name == "FGVCAircraft":  # the official lists lie beside the image folder
+            lists = next((images.parent for images in found if (images.parent / split_name).is_file()), None)
+            if lists:
+                return Dataset(*read_aircraft(lists), name, template)
+        elif (root / split_name).is_file():
+            read = read_imagenet(root, found) if name == "ImageNet" else read_split_file(
+                root / split_name, found or [root / folders[0]])
+            return Dataset(*read, name, template)
+    # No split file: a benchmark dataset's own image folder, or a plain folder of class folders.
+    for name, (split_name, folders, template, _) in DATASETS.items():
+        images = next((root / f for f in folders if f not in (".", "images") and (root / f).is_dir()), None)
+        if images:
+            if name not in IN_CLASS_FOLDERS:
+                raise UserError(f"{images} holds {name}'s images but {root / split_name} is missing; download "
+                                f"CoOp's split file ({SPLIT_FILES_URL}) into {root}")
+            caltech = (CALTECH_DROPPED, CALTECH_RENAMED) if name == "Caltech101" else ()
+            read = read_class_folders(images, *caltech)
+            names = "CoOp's renaming of the folders" if caltech else "the folder names"
+            warn(f"{root} has no {split_name}: the split is made here (50/20/30 per class, seed {SPLIT_SEED}), "
+                 f"class names from {names}, so results do not compare with published ones; put CoOp's "
+                 f"split file there ({SPLIT_FILES_URL})")
+            return Dataset(*read, name, template)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        names = [d.name for d in class_folders(root / "train")]
+        if [d.name for d in class_folders(root / "test")] != names:
+            raise UserError(f"{root}/train and {root}/test must hold the same class folders")
+        train, test = ([(path, c) for c, name in enumerate(names) for path in images_in(root / part / name)]
+                       for part in ("train", "test"))
+        read = [name.replace("_", " ") for name in names], train, test, "folders train and test"
     else:
-        classnames, train, test = load_image_folder(root)
-    if len(classnames) < 2 or not train or not test:
-        raise UserError(f"data folder {root} holds no usable dataset: it needs at least two "
-                        f"class folders of images (see --help for the layouts)")
-    return classnames, train, test
+        read = read_class_folders(root)
+        if len(read[0]) >= 2:
+            warn(f"{root} has no split file: the split is made here (50/20/30 per class, seed {SPLIT_SEED})")
+    if len(read[0]) < 2 or not read[1] or not read[2]:
+        raise UserError(f"data folder {root} holds no usable dataset: it needs a CoOp split file and its "
+                        f"images, or at least two class folders of images (see --help for the layouts)")
+    return Dataset(*read, "image folder", "a photo of a {}.")
 
 
-def download_caltech101(root):
-    from torchvision.datasets import Caltech101
+def download_dataset(name, root):
+    """Fetch a dataset's images through torchvision into the new folder root, atomically."""
+    split_name, folders, _, torchvision_class = DATASETS[name]
+    if torchvision_class is None:
+        raise UserError(f"torchvision cannot download {name}; put its images in {root / folders[0]} and CoOp's "
+                        f"{split_name} in {root} ({SPLIT_FILES_URL})")
+    import torchvision.datasets
     tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None, prefix=f".{root.name}."))
     try:
-        Caltech101(str(tmp), download=True)
+        getattr(torchvision.datasets, torchvision_class)(str(tmp), download=True)
         os.replace(tmp, root)
     except Exception as e:
-        raise UserError(f"cannot download Caltech101 ({str(e).splitlines()[0]}); fetch it by "
-                        f"hand and unpack it so that {root}/101_ObjectCategories exists") from None
+        raise UserError(f"cannot download {name} ({str(e).splitlines()[0]}); fetch it by hand and unpack "
+                        f"it so that {root / folders[-1]} exists") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -689,9 +805,11 @@ def read_image(path):
 def sample_few_shot(items, num_classes, shots, seed):
     """Up to `shots` readable images per class, chosen at random; returns (items, n_unreadable)."""
     rng = np.random.default_rng(seed)
+    by_class = [[] for _ in range(num_classes)]
+    for item in items:  # one pass, however many items (ImageNet has 1.28M)
+        by_class[item[1]].append(item)
     chosen, unreadable = [], 0
-    for c in range(num_classes):
-        members = [item for item in items if item[1] == c]
+    for c, members in enumerate(by_class):
         found = []
         for i in rng.permutation(len(members)):
             if len(found) == shots:
@@ -1043,13 +1161,17 @@ def build_parser():
     """The command line's parser; baselines.py adds its flags to it."""
     parser = argparse.ArgumentParser(
         description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
-        epilog="Data layouts for --data: (a) Caltech101 as CoOp has it, DIR/101_ObjectCategories, with "
-               "DIR/split_zhou_Caltech101.json used if present (else a fixed 50/20/30 split per class, the same for every --seed); "
-               "(b) torchvision's Caltech101, DIR/caltech101/101_ObjectCategories; (c) any folder of class "
-               "folders of images (split 50/20/30 per class), or DIR/train and DIR/test folders of class folders.")
+        epilog="Data layouts for --data: (a) a dataset of CoOp's benchmark (" + ", ".join(DATASETS) + ") "
+               "as CoOp lays it out: its split file split_zhou_<Name>.json in DIR and its image folder "
+               "(FGVCAircraft: its official lists; ImageNet: classnames.txt, train/ and val/), or with the "
+               "images as torchvision downloads them; (b) DIR/train and DIR/test folders of class folders; "
+               "(c) any folder of class folders of images. Without a split file the split is made here, "
+               "50/20/30 per class, the same for every --seed, with a warning.")
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="dataset folder (layouts below)")
-    add("--download", action="store_true", help="download Caltech101 into DIR if DIR does not exist")
+    add("--download", metavar="NAME", help="if DIR does not exist, download this dataset's images into it "
+        "through torchvision: " + ", ".join(name for name, row in DATASETS.items() if row[3]) +
+        "; the split file comes from CoOp's DATASETS.md")
     add("--backbone", default="RN50", metavar="NAME_OR_PATH",
         help=f"CLIP model, one of {', '.join(MODELS)}, or a checkpoint file (default %(default)s)")
     add("--cache-dir", default=DEFAULT_CACHE, metavar="DIR",
@@ -1067,8 +1189,8 @@ def build_parser():
     add("--ctx-init", default="", metavar="WORDS", help='initialise the context from these words, e.g. '
         '"a photo of a", instead of N(0, 0.02) noise; with a larger --n-ctx, zero vectors come first '
         '(ProGrad: --ctx-init "a photo of a" --n-ctx 16)')
-    add("--template", default="a photo of a {}.",
-        help="zero-shot prompt, {} stands for the class name (default %(default)r)")
+    add("--template", help="zero-shot prompt, {} stands for the class name (default: CoOp's for the "
+        "dataset, else 'a photo of a {}.')")
     add("--epochs", type=int, default=50, metavar="N",
         help="training epochs, the first a warm-up at lr 1e-5 (default %(default)s, PTNL's setting; "
              "CoOp, ProGrad and NLPrompt train 200 at 16 shots)")
@@ -1111,9 +1233,17 @@ def check_args(args):
         one_slot = args.template.count("{}") == 1
     except (IndexError, KeyError, ValueError):
         one_slot = False
+    except AttributeError:  # None: the dataset's own
+        one_slot = True
     if not one_slot:
         raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, "
                         f"and no other braces; e.g. \"a photo of a {{}}.\"")
+    if args.download:
+        known = {name.lower(): name for name in DATASETS}
+        if args.download.lower() not in known:
+            raise UserError(f"--download {args.download!r} is not a dataset of CoOp's benchmark; use one of "
+                            f"{', '.join(DATASETS)}")
+        args.download = known[args.download.lower()]
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cpu" and gpu_is_visible():
@@ -1134,13 +1264,14 @@ def check_args(args):
 
 
 def load(args):
-    """(classnames, train items, test items, tokenizer, clip, preprocess) for checked args."""
+    """(dataset, tokenizer, clip, preprocess) for checked args; --template defaults to the dataset's."""
     torch.manual_seed(args.seed)
-    classnames, train_items, test_items = load_dataset(args.data, args.download)
+    dataset = load_dataset(args.data, args.download)
+    args.template = args.template or dataset.template
     tokenizer = load_tokenizer(args.bpe, args.cache_dir)
     clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
     convert_weights(clip, args.dtype)
-    return classnames, train_items, test_items, tokenizer, clip, preprocess
+    return dataset, tokenizer, clip, preprocess
 
 
 def noisy_few_shot(train_items, num_classes, args):
@@ -1151,20 +1282,43 @@ def noisy_few_shot(train_items, num_classes, args):
     return items, torch.from_numpy(given), torch.from_numpy(given != clean), unreadable
 
 
-def save_outputs(args, learner, classnames, metrics):
+def write_training_sample(path, items, given, classnames, data):
+    """The training images with their true and given labels, as CSV, paths relative to data."""
+    rows = [["path", "true_label", "given_label", "true_class", "given_class"]]
+    for (image, label), given_label in zip(items, given.tolist()):
+        image = Path(image).relative_to(data) if Path(image).is_relative_to(data) else Path(image)
+        rows.append([image.as_posix(), label, given_label, classnames[label], classnames[given_label]])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def read_training_sample(path, data):
+    """(items, given labels, mask of the wrong ones) from a training_sample.csv, to reuse its labels."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    items = [(Path(data) / row["path"], int(row["true_label"])) for row in rows]
+    given = torch.tensor([int(row["given_label"]) for row in rows])
+    return items, given, given != torch.tensor([label for _, label in items])
+
+
+def save_outputs(args, learner, dataset, items, given, metrics):
+    """prompt.pt, training_sample.csv and metrics.json in --out, each written whole or not at all."""
     out = Path(args.out)
     atomic_write(out / "prompt.pt", lambda f: torch.save({
-        "ctx": learner.ctx.detach().cpu(), "classnames": classnames, "backbone": args.backbone}, f))
+        "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone}, f))
+    write_training_sample(out / "training_sample.csv", items, given, dataset.classnames, args.data)
     atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    print(f"wrote {out / 'metrics.json'} and {out / 'prompt.pt'}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
 
 
 def run(args):
     check_args(args)
-    classnames, train_items, test_items, tokenizer, clip, preprocess = load(args)
-    train_items, given, noisy, unreadable = noisy_few_shot(train_items, len(classnames), args)
-    print(f"{len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
-          f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
+    dataset, tokenizer, clip, preprocess = load(args)
+    classnames, test_items = dataset.classnames, dataset.test
+    train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
+    print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
+          f"with wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
 
     # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
     test_features, kept, unreadable_test = encode_images(clip, test_items, preprocess, args, "encoding test images")
@@ -1183,12 +1337,13 @@ def run(args):
 
     metrics = {
         "args": {k: v for k, v in vars(args).items() if k != "dtype"},
+        "dataset": dataset.name, "split": dataset.split,
         "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
         "unreadable_images": unreadable + unreadable_test,
         "noise_rate": noisy.float().mean().item(),
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
     }
-    save_outputs(args, learner, classnames, metrics)
+    save_outputs(args, learner, dataset, train_items, given, metrics)
     return metrics
 
 

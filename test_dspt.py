@@ -704,7 +704,7 @@ def test_caltech101_coop_layout_filters_and_renames_classes(tmp_path):
     root = tmp_path / "caltech101"
     for name in ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "airplanes", "Motorbikes", "yin_yang"]:
         make_images(root / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
-    classnames, train, test = dspt.load_dataset(root)
+    classnames, train, test, *_ = dspt.load_dataset(root)
     assert classnames == ["face", "leopard", "motorbike", "airplane", "yin yang"]  # sorted folder order
     assert len(train) == 5 * 5 and len(test) == 5 * 3  # 50% train, 20% val, 30% test
     assert not {p for p, _ in train} & {p for p, _ in test}
@@ -717,8 +717,8 @@ def test_generated_split_is_the_same_for_every_seed_and_only_the_few_shot_sample
     for seed in ("1", "2"):
         args = dspt.parse_args(["--data", str(tmp_path / "data"), "--backbone", str(tiny_checkpoint), "--seed", seed])
         dspt.check_args(args)
-        classnames, train, test, *_ = dspt.load(args)
-        loaded.append((train, test, dspt.noisy_few_shot(train, len(classnames), args)[0]))
+        dataset = dspt.load(args)[0]
+        loaded.append((dataset.train, dataset.test, dspt.noisy_few_shot(dataset.train, 3, args)[0]))
     (train, test, sample_1), (train_2, test_2, sample_2) = loaded
     assert train == train_2 and test == test_2
     assert [sum(c == k for _, c in train) for k in range(3)] == [10, 10, 10]  # 50% of 20
@@ -733,7 +733,7 @@ def test_caltech101_split_file_is_used_when_present(tmp_path):
     split = {"train": [["accordion/000.jpg", 0, "accordion"], ["airplanes/001.jpg", 1, "airplane"]],
              "val": [], "test": [["airplanes/003.jpg", 1, "airplane"]]}
     (root / "split_zhou_Caltech101.json").write_text(json.dumps(split))
-    classnames, train, test = dspt.load_dataset(root)
+    classnames, train, test, *_ = dspt.load_dataset(root)
     images = root / "101_ObjectCategories"
     assert classnames == ["accordion", "airplane"]
     assert train == [(images / "accordion/000.jpg", 0), (images / "airplanes/001.jpg", 1)]
@@ -743,7 +743,7 @@ def test_caltech101_split_file_is_used_when_present(tmp_path):
 def test_torchvision_caltech101_layout(tmp_path):
     for name in ["Faces_easy", "Faces", "ant"]:
         make_images(tmp_path / "caltech101" / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
-    classnames, train, test = dspt.load_dataset(tmp_path)
+    classnames, train, test, *_ = dspt.load_dataset(tmp_path)
     assert classnames == ["face", "ant"] and len(train) == 10 and len(test) == 6
 
 
@@ -751,7 +751,7 @@ def test_train_and_test_folders_layout(tmp_path):
     for split, count in (("train", 5), ("test", 3)):
         for name in ["cat", "dog"]:
             make_images(tmp_path / split / name, count, seed=0, size=(8, 8))
-    classnames, train, test = dspt.load_dataset(tmp_path)
+    classnames, train, test, *_ = dspt.load_dataset(tmp_path)
     assert classnames == ["cat", "dog"] and len(train) == 10 and len(test) == 6
     assert all("/train/" in str(p) for p, _ in train) and all("/test/" in str(p) for p, _ in test)
 
@@ -772,7 +772,7 @@ def expect_user_error(capsys, argv, *phrases):
 
 def test_missing_and_empty_data_folders(tmp_path, tiny_checkpoint, capsys):
     base = ["--backbone", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
-    expect_user_error(capsys, ["--data", str(tmp_path / "nope"), *base], "does not exist", "--download")
+    expect_user_error(capsys, ["--data", str(tmp_path / "nope"), *base], "does not exist", "--download NAME")
     (tmp_path / "empty").mkdir()
     expect_user_error(capsys, ["--data", str(tmp_path / "empty"), *base], "no usable dataset")
     assert not (tmp_path / "out").exists()
@@ -924,7 +924,7 @@ def test_download_fetches_caltech101_into_a_new_folder(tmp_path, monkeypatch):
             make_images(Path(root) / "caltech101" / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
 
     monkeypatch.setattr(torchvision.datasets, "Caltech101", fake_caltech101)
-    classnames, train, test = dspt.load_dataset(tmp_path / "caltech101", download=True)
+    classnames, train, test, *_ = dspt.load_dataset(tmp_path / "caltech101", download="Caltech101")
     assert classnames == ["face", "ant"] and len(train) == 10 and len(test) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["caltech101"]
 
@@ -938,7 +938,7 @@ def test_failed_download_leaves_no_folder(tmp_path, image_folder, tiny_checkpoin
         raise RuntimeError("File not found or corrupted.")
 
     monkeypatch.setattr(torchvision.datasets, "Caltech101", failing_caltech101)
-    expect_user_error(capsys, ["--data", str(tmp_path / "caltech"), "--download", "--backbone",
+    expect_user_error(capsys, ["--data", str(tmp_path / "caltech"), "--download", "caltech101", "--backbone",
                                str(tiny_checkpoint), "--out", str(tmp_path / "out")],
                       "cannot download Caltech101", "101_ObjectCategories")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the image_folder fixture's

@@ -415,11 +415,11 @@ def run_grid(mode, data, clip, preprocess, tokenizer, cache):
     methods; UPL's runs over the seeds and UPL_LOSSES."""
     base = dspt.parse_args(["--data", str(data), "--out", str(Path(cache) / "runs"), *TUNING])
     dspt.check_args(base)
-    classnames, train_items, test_items = dspt.load_dataset(data)
+    classnames, train_items, test_items, _, _, prompt = dspt.load_dataset(data)
     features, kept, _ = dspt.encode_images(clip, test_items, preprocess, base, "encoding test images")
     test = {"features": features, "labels": torch.tensor([test_items[i][1] for i in kept.tolist()])}
     with torch.no_grad():
-        template = clip.encode_text(tokenizer.tokenize([base.template.format(c) for c in classnames]))
+        template = clip.encode_text(tokenizer.tokenize([prompt.format(c) for c in classnames]))
     zero_shot = {"test_accuracy": dspt.accuracy(clip.logits(test["features"], template), test["labels"]),
                  "text_similarity": mean_pairwise_cosine(template)}
     task = {"template": template, "preprocess": preprocess}

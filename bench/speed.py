@@ -11,13 +11,16 @@ context and makes an SGD step. The step is timed, and separately its two parts, 
                    prefix "[SOT] ctx", without the padding after each EOT (dspt.pack_prompts).
 
 The models are CLIP's real RN50 and ViT-B/32 architectures with random weights; the class
-names are Caltech101's. Before timing, (a), (b) and (c) must give the same logits and the
+names are Caltech101's, or with --classnames imagenet ImageNet's 1,000 (torchvision's list).
+With --memory-limit a variant that needs more memory fails instead of exhausting the machine's,
+and the table says that it did not fit. Before timing, (a), (b) and (c) must give the same logits and the
 same context gradient. Each variant then runs in a fresh process of its own, as a training
 run would (with dspt.reuse_freed_memory, as dspt.py's runs have it): one warm-up step, then
 --reps timed ones; the table gives medians.
 
     python bench/speed.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
     python bench/speed.py --backbones RN50 --variants a c --reps 3
+    python bench/speed.py --backbones RN50 --classnames imagenet --classes 1000 --memory-limit 20 --skip-check
 """
 
 import argparse
@@ -25,6 +28,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -61,6 +65,14 @@ CALTECH101 = [
 N_CTX = 16
 
 
+def imagenet_classnames():
+    from torchvision.models import ResNet50_Weights
+    return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+CLASSNAMES = {"caltech101": lambda: CALTECH101, "imagenet": imagenet_classnames}
+
+
 class CoOpPrompts(nn.Module):
     """CoOp's text side written out: "[SOT] ctx_1 .. ctx_n name . [EOT]" built for every class
     and run whole through the transformer. truncate: only up to the last EOT, not all 77 positions."""
@@ -81,7 +93,7 @@ class CoOpPrompts(nn.Module):
     def text_features(self):
         clip, positions = self.clip, self.clip.positional_embedding
         ctx = self.ctx.to(positions.dtype).expand(len(self.eot), -1, -1)
-        x = torch.cat([self.sot_embedding, ctx, self.suffix_embedding], dim=1) + positions[:self.length]
+        x = (torch.cat([self.sot_embedding, ctx, self.suffix_embedding], dim=1) + positions[:self.length]).to(clip.dtype)
         x = clip.transformer(x, dspt.causal_mask(self.length, device=x.device))
         return clip.ln_final(x[torch.arange(len(x)), self.eot]) @ clip.text_projection
 
@@ -89,11 +101,11 @@ class CoOpPrompts(nn.Module):
 def build_clip(backbone, args, dtype):
     """CLIP of this architecture with random weights (the same on every call), frozen."""
     torch.manual_seed(0)
-    return dspt.CLIP(**CONFIGS[backbone]).requires_grad_(False).eval().to(args.device, dtype)
+    return dspt.convert_weights(dspt.CLIP(**CONFIGS[backbone]).requires_grad_(False).eval().to(args.device), dtype)
 
 
 def build_prompts(clip, variant, args):
-    classnames, tokenizer = CALTECH101[:args.classes], dspt.load_tokenizer(args.bpe)
+    classnames, tokenizer = CLASSNAMES[args.classnames]()[:args.classes], dspt.load_tokenizer(args.bpe)
     if variant == "c":
         return dspt.PromptLearner(clip, classnames, tokenizer, n_ctx=N_CTX)
     return CoOpPrompts(clip, classnames, tokenizer, truncate=variant == "b")
@@ -181,6 +193,9 @@ def run_variant(backbone, variant, args):
     """
     torch.set_num_threads(args.threads)
     dspt.reuse_freed_memory()
+    if args.memory_limit:  # address space, which bounds the resident memory too
+        limit = int(args.memory_limit * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
     clip = build_clip(backbone, args, dtype)
     prompts = build_prompts(clip, variant, args)
@@ -190,8 +205,13 @@ def run_variant(backbone, variant, args):
     tokens = text_tokens(prompts)
     cuda = args.device.startswith("cuda")
     before = torch.cuda.memory_allocated() if cuda else resident_memory("VmRSS")
-    step()  # warm-up
-    image_s, text_s = zip(*(step() for _ in range(args.reps)))
+    try:
+        step()  # warm-up
+        image_s, text_s = zip(*(step() for _ in range(args.reps)))
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "memory" not in str(e).lower():
+            raise
+        return dict(tokens=tokens, failed=str(e).splitlines()[0][:120])
     peak = torch.cuda.max_memory_allocated() if cuda else resident_memory("VmHWM")
     return dict(step=statistics.median(i + t for i, t in zip(image_s, text_s)), image=statistics.median(image_s),
                 text=statistics.median(text_s), tokens=tokens, peak=peak, increase=peak - before)
@@ -214,7 +234,8 @@ def parse_args(argv=None):
     add("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
         help="text encodings to time: a, every class's full 77-token prompt (CoOp); b, the same cut "
              "after the last EOT; c, dspt.PromptLearner. Speed-ups are against a")
-    add("--classes", type=int, default=100, help=f"number of classes, 2 to {len(CALTECH101)}")
+    add("--classnames", choices=list(CLASSNAMES), default="caltech101", help="whose class names")
+    add("--classes", type=int, default=100, help="number of classes: the first of the names")
     add("--batch", type=int, default=32, help="images per step")
     add("--reps", type=int, default=5, help="timed steps after one warm-up step")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -224,10 +245,14 @@ def parse_args(argv=None):
     add("--bpe", default=None, metavar="PATH",
         help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (env DSPT_BPE); by default downloaded")
     add("--skip-check", action="store_true", help="do not check first that the variants agree")
+    add("--memory-limit", type=float, metavar="GIB",
+        help="the most memory (address space) a variant's process may use; one that needs more is "
+             "reported as not fitting (default: no limit)")
     args = parser.parse_args(argv)
     args.variants = sorted(set(args.variants))
-    if not 2 <= args.classes <= len(CALTECH101):
-        parser.error(f"--classes must be between 2 and {len(CALTECH101)} (the Caltech101 names)")
+    available = len(CLASSNAMES[args.classnames]())
+    if not 2 <= args.classes <= available:
+        parser.error(f"--classes must be between 2 and {available} (the {args.classnames} names)")
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
     if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
         parser.error(f"--precision {args.precision} needs a CUDA device")
@@ -251,7 +276,13 @@ def main(argv=None):
         for variant in args.variants:
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 results[variant] = r = pool.submit(run_variant, backbone, variant, args).result()
+            if "failed" in r:
+                rows.append(f"| {backbone} | {VARIANTS[variant]} | {r['tokens']} | does not fit in "
+                            f"{args.memory_limit:g} GiB ({r['failed']}) | | | | | | |")
+                print(rows[-1], flush=True)
+                continue
             base = results.get("a")
+            base = None if base is None or "failed" in base else base  # speed-ups against (a) if it ran
             speedup = (f"{base['step'] / r['step']:.1f}x | {base['text'] / r['text']:.1f}x" if base else "- | -")
             rows.append(f"| {backbone} | {VARIANTS[variant]} | {r['tokens']} | {r['step']:.3f} | {r['text']:.3f} | "
                         f"{r['image']:.3f} | {speedup} | {r['peak'] / 2**30:.2f} | {r['increase'] / 2**30:.2f} |")
@@ -259,7 +290,7 @@ def main(argv=None):
     memory = ("peak CUDA memory allocated" if args.device.startswith("cuda")
               else "peak resident memory (RSS) of the variant's process")
     print(f"\nmachine: {machine(args)}")
-    print(f"{args.classes} classes, batch {args.batch}, {N_CTX} context tokens, {args.precision}, "
+    print(f"{args.classes} classes ({args.classnames} names), batch {args.batch}, {N_CTX} context tokens, {args.precision}, "
           f"median of {args.reps} steps after 1 warm-up; load average at the end {os.getloadavg()[0]:.2f}\n")
     print("| backbone | variant | text tokens | step s | text s | image s | step speed-up | text speed-up "
           "| peak mem GiB | step mem GiB |")
