@@ -165,7 +165,7 @@ class NLPrompt:
         self.labels, self.noisy = labels, noisy
         self.clean = torch.ones(len(labels), dtype=torch.bool)
         self.batch_clean = None
-        self.epoch, self.records = None, []
+        self.epoch, self.records = None, {}  # epoch -> the transport split's figures
 
     def split(self):
         with torch.no_grad():
@@ -177,7 +177,7 @@ class NLPrompt:
         record = {"ot_clean_fraction": agrees.float().mean().item(),
                   "ot_noisy_precision": caught / flagged.sum().item() if flagged.any() else None,
                   "ot_noisy_recall": caught / wrong.sum().item() if wrong.any() else None}
-        self.records.append(record)
+        self.records[self.epoch] = record
         print(f"optimal transport: {agrees.sum().item()} of {len(agrees)} samples clean; of the "
               f"{flagged.sum().item()} others, {caught} have wrong labels (of {wrong.sum().item()})",
               flush=True)
@@ -273,11 +273,16 @@ def check_args(args):
 def run(args):
     """Train and evaluate args.method; returns the metrics, also written to --out."""
     check_args(args)
+    finished = dspt.finished_or_resumable(args)
+    if finished:
+        print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy {finished['test_accuracy']:.2%}); "
+              f"pass --fresh to run it again")
+        return finished
     dataset, tokenizer, clip, preprocess = dspt.load(args)
     classnames, train_items, test_items = dataset.classnames, dataset.train, dataset.test
     with torch.no_grad(), dspt.autocast(args):
         template_features = clip.encode_text(tokenizer.tokenize(
-            [args.template.format(name) for name in classnames]).to(args.device))
+            [(args.template or dataset.template).format(name) for name in classnames]).to(args.device))
     if args.method == "upl":
         pool_size = len(train_items)
         train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
@@ -309,18 +314,17 @@ def run(args):
                                                          "encoding training images for optimal transport")
         method = NLPrompt(learner, features, kept_train, labels, noisy)
         loss_fn, step_loss = method.loss, method.step_loss
-    history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss, scaler)
-    if method:
-        for epoch, record in enumerate(history):
-            record.update(method.epoch_record(epoch))
+    history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss, scaler,
+                         method and method.epoch_record, Path(args.out) / "checkpoint.pt")
     with torch.no_grad(), dspt.autocast(args):
         final = dspt.accuracy(clip.logits(test_features, learner.text_features()), test_labels)
     print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
 
     metrics = {
         "method": args.method,
-        "args": {k: v for k, v in vars(args).items() if k != "dtype"},
-        "dataset": dataset.name, "split": dataset.split, "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
+        "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
+        "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
+        "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
         "unreadable_images": unreadable + unreadable_test,
         "noise_rate": noisy.float().mean().item(), **extra,
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,

@@ -900,7 +900,7 @@ class PromptLearner(nn.Module):
 
     def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
         super().__init__()
-        self.clip = clip
+        self.clip, self.classnames = clip, list(classnames)
         embed = clip.token_embedding
         device, context_length = embed.weight.device, clip.positional_embedding.shape[0]
         if ctx_init:
@@ -982,6 +982,23 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
         eot_index[c] = r * length + at[r] - 1
     query, key = segment[:, :, None], segment[:, None, :]
     return index, position, causal_mask(length) & ((key == -1) | (key == query)), eot_index
+
+
+def load_prompt(path, clip, tokenizer):
+    """The PromptLearner a run saved in prompt.pt, on clip; read without running pickled code."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        ctx, classnames = saved["ctx"], list(saved["classnames"])
+    except Exception as e:
+        raise UserError(f"cannot read the prompt {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"give a prompt.pt that dspt.py or baselines.py wrote") from None
+    learner = PromptLearner(clip, classnames, tokenizer, n_ctx=len(ctx))
+    if ctx.shape != learner.ctx.shape:
+        raise UserError(f"the prompt {path} has context vectors of width {ctx.shape[-1]}, this backbone's "
+                        f"text width is {learner.ctx.shape[-1]}; use the backbone it was learned with "
+                        f"({saved.get('backbone')})")
+    learner.ctx.data.copy_(ctx)
+    return learner
 
 
 # -----------------------------------------------------------------------------
@@ -1069,14 +1086,30 @@ def accuracy(logits, labels):
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
-def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=None):
+def save_checkpoint(path, state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"the checkpoint {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"delete it, or pass --fresh to start the run over") from None
+
+
+def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=None, epoch_record=None,
+          checkpoint=None):
     """Tune learner.ctx on items with the given (partly wrong) labels; noisy marks the wrong ones.
 
     Returns the per-epoch history. Without augmentation the images' features never change,
     so they are encoded once and the epochs train on them. step_loss(image_features, target,
     index, epoch) -> (logits, loss) replaces the plain loss_fn(logits, target) for methods
     that need more than the logits (baselines.py); loss_fn still gives the gradient diagnostics.
-    scaler: the step_loss's grad_scaler(args), if it needs one itself.
+    scaler: the step_loss's grad_scaler(args), if it needs one itself; epoch_record(epoch), the
+    method's own figures for the history. With a checkpoint path, the state after every epoch
+    (context, optimizer, scaler, history and the random states that decide the later batches and
+    augmentations) is saved there, and a run that finds one there continues after its epoch.
     """
     clip = learner.clip
 
@@ -1111,7 +1144,16 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
                 yield image_features, index
 
     history = []
-    for epoch in range(args.epochs):
+    if checkpoint and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint)
+        learner.ctx.data.copy_(state["ctx"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        print(f"resuming after epoch {len(history)} from {checkpoint}", flush=True)
+    for epoch in range(len(history), args.epochs):
         start, lr = time.time(), learning_rate(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1136,8 +1178,14 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
             "grad_norm_clean": mean_or_none(norms[~is_noisy]),
             "grad_norm_noisy": mean_or_none(norms[is_noisy]),
             "seconds": time.time() - start,
+            **(epoch_record(epoch) if epoch_record else {}),
         })
         print(format_epoch(history[-1], args.epochs), flush=True)
+        if checkpoint:
+            save_checkpoint(checkpoint, {
+                "command": command(args), "ctx": learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": history})
     return history
 
 
@@ -1168,7 +1216,7 @@ def build_parser():
                "(c) any folder of class folders of images. Without a split file the split is made here, "
                "50/20/30 per class, the same for every --seed, with a warning.")
     add = parser.add_argument
-    add("--data", required=True, metavar="DIR", help="dataset folder (layouts below)")
+    add("--data", metavar="DIR", help="dataset folder (layouts below); required but with --classify")
     add("--download", metavar="NAME", help="if DIR does not exist, download this dataset's images into it "
         "through torchvision: " + ", ".join(name for name, row in DATASETS.items() if row[3]) +
         "; the split file comes from CoOp's DATASETS.md")
@@ -1207,7 +1255,16 @@ def build_parser():
         help="image loading processes (default %(default)s)")
     add("--seed", type=int, default=1,
         help="seed of the few-shot sample, the label noise, the context and the order (default %(default)s)")
-    add("--out", metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-<noise>-...)")
+    add("--out", metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-<noise>-...); "
+        "running the same command again continues an interrupted run there, or reports a finished one")
+    add("--fresh", action="store_true", help="start the run in --out over, discarding its checkpoint and results")
+    add("--eval", metavar="PROMPT", help="evaluate this prompt.pt on --data's test split instead of training; "
+        "writes eval.json to --out (default: the prompt's folder)")
+    add("--classify", nargs="+", metavar="IMAGE", help="print each image's top-5 classes and probabilities "
+        "(tab-separated: path, then class and probability pairs) with --prompt, or zero-shot with --classnames")
+    add("--prompt", metavar="PROMPT", help="with --classify: the prompt.pt to classify with; its class names are used")
+    add("--classnames", metavar="A,B,...", help="with --classify and no --prompt: the classes, comma-separated, "
+        "for zero-shot CLIP with --template")
     return parser
 
 
@@ -1221,6 +1278,10 @@ def gpu_is_visible():
 
 
 def check_args(args):
+    if not args.data and not args.classify:
+        raise UserError("--data DIR is required, to train or --eval on; to classify images use --classify")
+    if args.classify and not (args.prompt or args.classnames):
+        raise UserError("--classify needs the classes: --prompt PROMPT (a prompt.pt) or --classnames A,B,...")
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise {args.noise} is outside [0, 1); give a fraction such as 0.5")
     for name in ("shots", "n_ctx", "epochs", "batch_size"):
@@ -1257,21 +1318,47 @@ def check_args(args):
     if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
         raise UserError(f"--precision {args.precision} needs a CUDA device; use fp32 or bf16 on the CPU")
     args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
-    if args.out is None:
+    if args.out is None and args.eval:
+        args.out = str(Path(args.eval).parent)
+    if args.out is None and args.data:
         backbone = Path(args.backbone).stem if Path(args.backbone).is_file() else args.backbone.replace("/", "-")
         args.out = (f"runs/{Path(args.data).resolve().name}-{backbone}-{args.loss}-{args.noise_kind}{args.noise:g}"
                     f"-{args.shots}shot-seed{args.seed}")
 
 
 def load(args):
-    """(dataset, tokenizer, clip, preprocess) for checked args; --template defaults to the dataset's."""
+    """(dataset, tokenizer, clip, preprocess) for checked args."""
     torch.manual_seed(args.seed)
     dataset = load_dataset(args.data, args.download)
-    args.template = args.template or dataset.template
     tokenizer = load_tokenizer(args.bpe, args.cache_dir)
     clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
     convert_weights(clip, args.dtype)
     return dataset, tokenizer, clip, preprocess
+
+
+def command(args):
+    """The arguments that decide a run's results: a run in --out continues only with the same."""
+    return {k: v for k, v in vars(args).items() if k not in (
+        "out", "cache_dir", "bpe", "download", "fresh", "dtype", "eval", "classify", "prompt", "classnames")}
+
+
+def finished_or_resumable(args):
+    """The metrics of the same run finished in --out, else None. A finished run or a checkpoint
+    with other arguments is refused; --fresh discards both."""
+    out = Path(args.out)
+    if args.fresh:
+        for name in ("checkpoint.pt", "metrics.json"):
+            (out / name).unlink(missing_ok=True)
+    finished = (out / "metrics.json").is_file() and json.loads((out / "metrics.json").read_text())
+    saved, path = (finished, out / "metrics.json") if finished else (None, out / "checkpoint.pt")
+    if saved is None and path.is_file():
+        saved = load_checkpoint(path)
+    for key, value in command(args).items():
+        if saved is not None and saved["command"].get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path} is of a run with {flag} {saved['command'].get(key)}, not {value}; give "
+                            f"another --out, or pass --fresh to start over in {out}")
+    return finished or None
 
 
 def noisy_few_shot(train_items, num_classes, args):
@@ -1314,6 +1401,11 @@ def save_outputs(args, learner, dataset, items, given, metrics):
 
 def run(args):
     check_args(args)
+    finished = finished_or_resumable(args)
+    if finished:
+        print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy {finished['test_accuracy']:.2%}); "
+              f"pass --fresh to run it again")
+        return finished
     dataset, tokenizer, clip, preprocess = load(args)
     classnames, test_items = dataset.classnames, dataset.test
     train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
@@ -1325,19 +1417,20 @@ def run(args):
     test_labels = torch.tensor([test_items[i][1] for i in kept.tolist()], device=args.device)
     with torch.no_grad(), autocast(args):
         template_features = clip.encode_text(tokenizer.tokenize(
-            [args.template.format(name) for name in classnames]).to(args.device))
+            [(args.template or dataset.template).format(name) for name in classnames]).to(args.device))
     zero_shot = accuracy(clip.logits(test_features, template_features), test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
 
     learner = PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    history = train(learner, train_items, given, noisy, LOSSES[args.loss], args)
+    history = train(learner, train_items, given, noisy, LOSSES[args.loss], args,
+                    checkpoint=Path(args.out) / "checkpoint.pt")
     with torch.no_grad(), autocast(args):
         final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
     print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
 
     metrics = {
-        "args": {k: v for k, v in vars(args).items() if k != "dtype"},
-        "dataset": dataset.name, "split": dataset.split,
+        "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
+        "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
         "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
         "unreadable_images": unreadable + unreadable_test,
         "noise_rate": noisy.float().mean().item(),
@@ -1347,11 +1440,60 @@ def run(args):
     return metrics
 
 
+def evaluate(args):
+    """Test accuracy of the prompt --eval on --data's test split; written to --out/eval.json."""
+    dataset, tokenizer, clip, preprocess = load(args)
+    learner = load_prompt(args.eval, clip, tokenizer)
+    if learner.classnames != dataset.classnames:
+        raise UserError(f"the prompt {args.eval} is for the class names {learner.classnames[:3]}..., "
+                        f"{args.data} has {dataset.classnames[:3]}...; evaluate it on the dataset it was learned on")
+    features, kept, unreadable = encode_images(clip, dataset.test, preprocess, args, "encoding test images")
+    labels = torch.tensor([dataset.test[i][1] for i in kept.tolist()], device=args.device)
+    with torch.no_grad(), autocast(args):
+        result = {"prompt": str(args.eval), "data": args.data, "dataset": dataset.name, "split": dataset.split,
+                  "test_images": len(kept), "unreadable_images": unreadable,
+                  "test_accuracy": accuracy(clip.logits(features, learner.text_features()), labels)}
+    atomic_write(Path(args.out) / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"test accuracy {result['test_accuracy']:.2%} on {len(kept)} images; wrote {Path(args.out) / 'eval.json'}")
+    return result
+
+
+def classify(args):
+    """Print each --classify image's top-5 classes, by the --prompt or zero-shot; returns the probabilities."""
+    tokenizer = load_tokenizer(args.bpe, args.cache_dir)
+    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
+    convert_weights(clip, args.dtype)
+    images = []
+    for path in args.classify:
+        image = read_image(path)
+        if image is None:
+            raise UserError(f"cannot read the image {path}; give image files (JPEG, PNG, ...)")
+        images.append(preprocess(image))
+    with torch.no_grad(), autocast(args):
+        if args.prompt:
+            learner = load_prompt(args.prompt, clip, tokenizer)
+            classnames, text_features = learner.classnames, learner.text_features()
+        else:
+            classnames = [name.strip() for name in args.classnames.split(",")]
+            template = args.template or "a photo of a {}."
+            text_features = clip.encode_text(tokenizer.tokenize([template.format(c) for c in classnames]).to(args.device))
+        features = clip.encode_image(torch.stack(images).to(args.device))
+        probabilities = clip.logits(features, text_features).softmax(dim=-1).cpu()
+    for path, p in zip(args.classify, probabilities):
+        top = p.topk(min(5, len(classnames)))
+        print("\t".join([str(path), *(f"{classnames[i]}\t{v:.4f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))]))
+    return probabilities
+
+
 def main(argv=None):
-    """Train and evaluate; returns the metrics. A user error exits with one line and status 1."""
+    """Train and evaluate, or --eval a prompt, or --classify images; returns what that gives.
+    A user error exits with one line and status 1."""
     args = parse_args(argv)
     reuse_freed_memory()
     try:
+        if args.classify or args.eval:
+            check_args(args)
+            return classify(args) if args.classify else evaluate(args)
         return run(args)
     except UserError as e:
         print(f"dspt: error: {e}", file=sys.stderr)

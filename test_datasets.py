@@ -148,7 +148,7 @@ def test_generated_split_warns_and_is_recorded(tmp_path, tiny_checkpoint, capsys
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dspt: warning:")]
     assert len(warnings) == 1 and "no split_zhou_EuroSAT.json" in warnings[0] and "seed 1" in warnings[0]
     assert metrics["dataset"] == "EuroSAT" and metrics["split"] == "generated, seed 1"
-    assert metrics["args"]["template"] == "a centered satellite photo of {}."
+    assert metrics["template"] == "a centered satellite photo of {}."
     assert metrics["classnames"] == ["AnnualCrop", "Forest", "SeaLake"]
 
 
@@ -157,10 +157,10 @@ def test_a_run_records_the_dataset_and_the_split_file_and_a_template_overrides(t
     metrics = run_main(tmp_path, tmp_path / "dtd", "--epochs", "1", backbone=tiny_checkpoint)
     digest = sha256(tmp_path / "dtd" / "split_zhou_DescribableTextures.json")
     assert metrics["dataset"] == "DTD" and metrics["split"] == f"split_zhou_DescribableTextures.json (sha256 {digest})"
-    assert metrics["args"]["template"] == "{} texture." and metrics["train_images"] == 12
-    metrics = run_main(tmp_path, tmp_path / "dtd", "--epochs", "1", "--template", "itap of a {}.",
+    assert metrics["template"] == "{} texture." and metrics["train_images"] == 12
+    metrics = run_main(tmp_path / "itap", tmp_path / "dtd", "--epochs", "1", "--template", "itap of a {}.",
                        backbone=tiny_checkpoint)
-    assert metrics["args"]["template"] == "itap of a {}."
+    assert metrics["template"] == "itap of a {}."
 
 
 def test_training_sample_file_round_trips(tmp_path, image_folder, tiny_checkpoint, monkeypatch):

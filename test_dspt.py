@@ -637,7 +637,7 @@ def test_ctx_init_starts_the_context_at_the_words_embeddings(tmp_path, image_fol
     model, _ = dspt.load_clip(str(tiny_checkpoint))
     words = model.token_embedding(torch.tensor(tokenizer.encode("a photo of a")))  # 4 tokens
     run_main(tmp_path, image_folder, "--ctx-init", "a photo of a", "--n-ctx", "4", backbone=tiny_checkpoint)
-    run_main(tmp_path, image_folder, "--ctx-init", "a photo of a", "--n-ctx", "6", backbone=tiny_checkpoint)
+    run_main(tmp_path / "six", image_folder, "--ctx-init", "a photo of a", "--n-ctx", "6", backbone=tiny_checkpoint)
     (_, four), (_, six) = learners
     assert torch.equal(four, words)
     assert torch.equal(six, torch.cat([torch.zeros(2, 64), words]))  # ProGrad's padding comes first

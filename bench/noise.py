@@ -341,19 +341,13 @@ def tune_with_loss(loss):
     return tune
 
 
-def with_records(history, method):
-    """history with the method's own per-epoch diagnostics merged in, as baselines.run does."""
-    for epoch, record in enumerate(history):
-        record.update(method.epoch_record(epoch))
-    return history
-
-
 def tune_prograd(learner, items, labels, noisy, args, task):
     """ProGrad as published: cross-entropy as the domain loss, lambda 1 (its context starts from
     CONTEXT_INIT)."""
-    method = baselines.ProGrad(learner, dspt.LOSSES["ce"], task["template"], dspt.grad_scaler(args), strength=1.0)
-    return with_records(dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss),
-                        method)
+    scaler = dspt.grad_scaler(args)
+    method = baselines.ProGrad(learner, dspt.LOSSES["ce"], task["template"], scaler, strength=1.0)
+    return dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss, scaler,
+                      method.epoch_record)
 
 
 def tune_nlprompt(learner, items, labels, noisy, args, task):
@@ -362,7 +356,8 @@ def tune_nlprompt(learner, items, labels, noisy, args, task):
         features, kept, _ = dspt.encode_images(learner.clip, items, task["preprocess"], args,
                                                "encoding training images for optimal transport")
     method = baselines.NLPrompt(learner, features, kept, labels, noisy)
-    return with_records(dspt.train(learner, items, labels, noisy, method.loss, args, method.step_loss), method)
+    return dspt.train(learner, items, labels, noisy, method.loss, args, method.step_loss,
+                      epoch_record=method.epoch_record)
 
 
 # A method turns (learner, items, given labels, mask of wrong ones, args, task) into dspt.train's
