@@ -1343,22 +1343,29 @@ def command(args):
 
 
 def finished_or_resumable(args):
-    """The metrics of the same run finished in --out, else None. A finished run or a checkpoint
-    with other arguments is refused; --fresh discards both."""
+    """The metrics of the same run finished in --out, else None (a checkpoint there, if any, is
+    continued by train). Results or a checkpoint of a run with other arguments are refused;
+    --fresh discards both."""
     out = Path(args.out)
+    metrics, checkpoint = out / "metrics.json", out / "checkpoint.pt"
     if args.fresh:
-        for name in ("checkpoint.pt", "metrics.json"):
-            (out / name).unlink(missing_ok=True)
-    finished = (out / "metrics.json").is_file() and json.loads((out / "metrics.json").read_text())
-    saved, path = (finished, out / "metrics.json") if finished else (None, out / "checkpoint.pt")
-    if saved is None and path.is_file():
-        saved = load_checkpoint(path)
+        metrics.unlink(missing_ok=True)
+        checkpoint.unlink(missing_ok=True)
+    if metrics.is_file():
+        try:
+            saved = json.loads(metrics.read_text())
+        except ValueError:
+            raise UserError(f"{metrics} is damaged; delete it, or pass --fresh to run again") from None
+    elif checkpoint.is_file():
+        saved = load_checkpoint(checkpoint)
+    else:
+        return None
     for key, value in command(args).items():
-        if saved is not None and saved["command"].get(key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} is of a run with {flag} {saved['command'].get(key)}, not {value}; give "
-                            f"another --out, or pass --fresh to start over in {out}")
-    return finished or None
+        if saved.get("command", {}).get(key, "(not recorded)") != value:
+            raise UserError(f"{metrics if metrics.is_file() else checkpoint} is of a run with --{key.replace('_', '-')} "
+                            f"{saved.get('command', {}).get(key, '(not recorded)')}, not {value}; give another "
+                            f"--out, or pass --fresh to start over in {out}")
+    return saved if metrics.is_file() else None
 
 
 def noisy_few_shot(train_items, num_classes, args):
