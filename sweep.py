@@ -1,0 +1,311 @@
+"""
+Reproduce a table: every run of a grid of datasets x noise settings x methods x seeds, each one
+a run of dspt.py or baselines.py in an output folder named by its settings, and the results
+collected into tables (Markdown and CSV) and plots.
+
+    python sweep.py --data data/caltech-101 data/dtd --out sweeps/table1 -- --backbone RN50
+    python sweep.py --data ... --out sweeps/table1 --print-commands -- ...   # for a scheduler
+    python sweep.py --data ... --out sweeps/table1 --report -- ...           # only collect
+
+Runs already finished are skipped, so a sweep stopped at any point continues where it was when
+started again (and a run stopped mid-way resumes from its checkpoint, as dspt.py does). The
+pending runs go N at a time (--jobs), or one per GPU on a machine with several. With
+--print-commands the pending runs are printed, one shell command a line, for SLURM, GNU
+parallel or xargs; run the same sweep with --report afterwards to collect them. Everything
+after "--" goes to every run.
+
+A run that fails (a non-zero exit) is logged with its command and the end of its output in its
+folder, the sweep goes on, and the summary lists the failures; the tables mark failed and
+missing runs and average only the seeds that finished, saying how many.
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import io
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dspt
+
+HERE = Path(__file__).resolve().parent
+# Each method: the script and the flags that make it. The losses are CoOp's prompt tuning with
+# that loss; ProGrad as published starts from "a photo of a" after 12 zero vectors.
+METHODS = {
+    "dspt": ["dspt.py", "--loss", "dspt"], "ce": ["dspt.py", "--loss", "ce"],
+    "gce": ["dspt.py", "--loss", "gce"], "mae": ["dspt.py", "--loss", "mae"],
+    "prograd": ["baselines.py", "--method", "prograd", "--loss", "ce", "--ctx-init", "a photo of a", "--n-ctx", "16"],
+    "nlprompt": ["baselines.py", "--method", "nlprompt"],
+    "upl": ["baselines.py", "--method", "upl"],
+}
+WITHOUT_LABELS = {"upl"}  # runs only without noise
+RATES = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+
+
+class Run:
+    """One cell of the grid: its settings, its folder and its command."""
+
+    def __init__(self, data, method, kind, rate, seed, out, extra):
+        self.data, self.method, self.kind, self.rate, self.seed = data, method, kind, rate, seed
+        self.dataset = Path(data).name
+        self.setting = "none" if kind == "none" else f"{kind}{rate:g}"
+        self.folder = Path(out) / self.dataset / method / self.setting / f"seed{seed}"
+        script, *flags = METHODS[method]
+        noise = [] if kind == "none" else ["--noise", str(rate), "--noise-kind", kind]
+        self.command = [sys.executable, str(HERE / script), "--data", str(data), *flags, *noise,
+                        "--seed", str(seed), *extra, "--out", str(self.folder)]
+
+    def metrics(self):
+        path = self.folder / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def status(self):
+        if (self.folder / "metrics.json").is_file():
+            return "finished"
+        return "failed" if (self.folder / "failed.txt").is_file() else "missing"
+
+
+def grid(args):
+    settings = ([("none", 0.0)] if not args.no_clean else []) + [(k, r) for k in args.kinds for r in args.rates]
+    names = [Path(d).name for d in args.data]
+    if len(set(names)) < len(names):
+        raise dspt.UserError(f"two --data folders have the same name ({names}); their runs would share folders")
+    return [Run(data, method, kind, rate, seed, args.out, args.extra)
+            for data in args.data for method in args.methods for kind, rate in settings for seed in args.seeds
+            if not (method in WITHOUT_LABELS and kind != "none")]
+
+
+# -----------------------------------------------------------------------------
+# Running: N at a time, or one per GPU.
+
+def run_all(runs, jobs, gpus):
+    """Run each run's command (pending ones only), jobs at a time, each on its own GPU if gpus.
+    Returns the failed runs. Prints a line of progress whenever a run ends."""
+    slots = queue.Queue()
+    for slot in (range(gpus) if gpus else range(jobs)):
+        slots.put(slot)
+    lock, counts, failed, start = threading.Lock(), {"done": 0, "running": 0, "failed": 0}, [], time.time()
+
+    def one(run):
+        slot = slots.get()
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else {}))
+        with lock:
+            counts["running"] += 1
+        begin = time.time()
+        run.folder.mkdir(parents=True, exist_ok=True)
+        (run.folder / "failed.txt").unlink(missing_ok=True)
+        with open(run.folder / "log.txt", "w") as log:
+            code = subprocess.run(run.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        slots.put(slot)
+        seconds = time.time() - begin
+        with lock:
+            counts["running"] -= 1
+            counts["done" if code == 0 else "failed"] += 1
+            if code:
+                tail = (run.folder / "log.txt").read_text().splitlines()[-15:]
+                dspt.atomic_write(run.folder / "failed.txt", lambda f: f.write(
+                    (f"exit status {code}\n{shlex.join(run.command)}\n" + "\n".join(tail) + "\n").encode()))
+                failed.append(run)
+            result = (f"{run.metrics()['test_accuracy']:.2%}" if code == 0 else f"FAILED (exit {code}, see "
+                      f"{run.folder / 'failed.txt'})")
+            print(f"[{counts['done']} done, {counts['running']} running, {counts['failed']} failed, of {len(runs)}; "
+                  f"{time.time() - start:.0f}s] {run.dataset} {run.method} {run.setting} seed {run.seed}: {result} "
+                  f"({seconds:.0f}s)", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(gpus or jobs) as pool:
+        list(pool.map(one, runs))
+    return failed
+
+
+# -----------------------------------------------------------------------------
+# Report: tables and plots from the runs' metrics.json.
+
+def cells(runs):
+    """{(dataset, method, setting): (test accuracies of the finished seeds, statuses)}."""
+    table = {}
+    for run in runs:
+        values, statuses = table.setdefault((run.dataset, run.method, run.setting), ([], []))
+        statuses.append(run.status())
+        if statuses[-1] == "finished":
+            values.append(run.metrics()["test_accuracy"])
+    return table
+
+
+def format_cell(values, statuses):
+    """mean ± std over the finished seeds, in %, and how many seeds it has; failed or missing said."""
+    if not values:
+        return "failed" if "failed" in statuses else "missing"
+    text = f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f} ({len(values)}"
+    if len(values) < len(statuses):
+        lost = [f"{statuses.count(s)} {s}" for s in ("failed", "missing") if statuses.count(s)]
+        text += f" of {len(statuses)}; {', '.join(lost)}"
+    return text + ")"
+
+
+def report(runs, out):
+    """results.md, results.csv and a plot per dataset in out; returns the Markdown."""
+    datasets = list(dict.fromkeys(run.dataset for run in runs))
+    methods = list(dict.fromkeys(run.method for run in runs))
+    settings = list(dict.fromkeys(run.setting for run in runs))
+    table = cells(runs)
+    zero_shot = {}
+    for run in runs:
+        if run.status() == "finished":
+            zero_shot.setdefault(run.dataset, run.metrics()["zero_shot_accuracy"])
+    header = "| method | " + " | ".join(settings) + " |\n|---" + "|---" * len(settings) + "|\n"
+    parts = [f"# Test accuracy (%), mean ± std over seeds (seeds finished)\n\n{len(runs)} runs in {out}; "
+             f"{sum(run.status() == 'finished' for run in runs)} finished, "
+             f"{sum(run.status() == 'failed' for run in runs)} failed, "
+             f"{sum(run.status() == 'missing' for run in runs)} missing.\n"]
+    for dataset in datasets:
+        rows = [f"| zero-shot | " + " | ".join(
+            [f"{100 * zero_shot[dataset]:.1f}" if dataset in zero_shot else "missing"] * len(settings)) + " |"]
+        for method in methods:
+            row = [format_cell(*table[(dataset, method, s)]) if (dataset, method, s) in table else "-" for s in settings]
+            rows.append(f"| {method} | " + " | ".join(row) + " |")
+        parts.append(f"## {dataset}\n\n" + header + "\n".join(rows) + "\n")
+    rows = []
+    for method in methods:
+        row = []
+        for setting in settings:
+            means = [np.mean(table[(d, method, setting)][0]) for d in datasets
+                     if (d, method, setting) in table and table[(d, method, setting)][0]]
+            present = sum((d, method, setting) in table for d in datasets)
+            cell = "-" if not present else "missing" if not means else f"{100 * np.mean(means):.1f}"
+            if means and len(means) < present:
+                cell += f" ({len(means)} of {present} datasets)"
+            row.append(cell)
+        rows.append(f"| {method} | " + " | ".join(row) + " |")
+    parts.append(f"## Mean over the {len(datasets)} datasets (of each dataset's mean over its seeds)\n\n"
+                 + header + "\n".join(rows) + "\n")
+    markdown = "\n".join(parts)
+    dspt.atomic_write(Path(out) / "results.md", lambda f: f.write(markdown.encode()))
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["dataset", "method", "noise_kind", "noise_rate", "seed", "status", "test_accuracy",
+                     "zero_shot_accuracy", "folder"])
+    for run in runs:
+        metrics = run.metrics()
+        writer.writerow([run.dataset, run.method, run.kind, run.rate, run.seed, run.status(),
+                         metrics["test_accuracy"] if metrics else "", metrics["zero_shot_accuracy"] if metrics else "",
+                         run.folder])
+    dspt.atomic_write(Path(out) / "results.csv", lambda f: f.write(text.getvalue().encode()))
+    for dataset in datasets:
+        plot(dataset, [run for run in runs if run.dataset == dataset], zero_shot.get(dataset), Path(out))
+    return markdown
+
+
+def plot(dataset, runs, zero_shot, out):
+    """Test accuracy against noise rate: a line per method, zero-shot dashed, a panel per noise kind."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        dspt.warn("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    kinds = [kind for kind in ("sym", "pair") if any(run.kind == kind for run in runs)] or ["none"]
+    figure, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for method in dict.fromkeys(run.method for run in runs):
+            points = {}
+            for run in runs:
+                if run.method == method and run.kind in ("none", kind) and run.status() == "finished":
+                    points.setdefault(run.rate, []).append(run.metrics()["test_accuracy"])
+            if points:
+                rates = sorted(points)
+                ax.errorbar([100 * r for r in rates], [100 * np.mean(points[r]) for r in rates],
+                            yerr=[100 * np.std(points[r]) for r in rates], marker="o", capsize=3, label=method)
+        if zero_shot is not None:
+            ax.axhline(100 * zero_shot, color="grey", linestyle="--", label="zero-shot")
+        ax.set(title=f"{dataset}: {kind} noise", xlabel="noise rate (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    dspt.atomic_write(out / f"{dataset}.png", lambda f: figure.savefig(f, format="png", dpi=120))
+    plt.close(figure)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                     epilog='Everything after "--" is passed to every run, e.g. -- --backbone ViT-B/16 '
+                                            '--epochs 200 --precision amp.')
+    add = parser.add_argument
+    add("--data", nargs="+", required=True, metavar="DIR", help="dataset folders, as dspt.py's --data")
+    add("--kinds", nargs="*", choices=["sym", "pair"], default=["sym", "pair"], help="noise kinds (default: both)")
+    add("--rates", nargs="*", type=float, default=RATES, metavar="RATE",
+        help=f"noise rates of each kind (default: {' '.join(f'{r:g}' for r in RATES)})")
+    add("--no-clean", action="store_true", help="leave out the runs without noise")
+    add("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+        help="dspt, ce, gce, mae: dspt.py with that loss; prograd, nlprompt, upl: baselines.py (default: all)")
+    add("--out", default="sweeps/sweep", metavar="DIR", help="where the runs' folders and the report go "
+                                                             "(default %(default)s)")
+    add("--jobs", type=int, default=1, metavar="N", help="runs at a time on this machine (default 1; with several "
+                                                         "GPUs, one run per GPU)")
+    add("--print-commands", action="store_true", help="print the pending runs' commands, one a line, and exit")
+    add("--report", action="store_true", help="only collect the finished runs into the report")
+    args = parser.parse_args(argv)
+    args.extra = extra
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
+
+
+def gpu_count():
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def main(argv=None):
+    """Run the sweep's pending runs and write the report; returns (runs, failed runs)."""
+    args = parse_args(argv)
+    runs = grid(args)
+    pending = [run for run in runs if run.status() != "finished"]
+    if args.print_commands:
+        for run in pending:
+            print(shlex.join(run.command))
+        return runs, []
+    failed = []
+    if not args.report:
+        gpus = gpu_count() if gpu_count() > 1 else 0
+        print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run "
+              f"{f'on {gpus} GPUs' if gpus else f'{args.jobs} at a time'}", flush=True)
+        failed = run_all(pending, args.jobs, gpus)
+    report(runs, args.out)
+    print(f"wrote {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.csv'} and a plot per dataset")
+    if failed:
+        print(f"{len(failed)} runs failed:")
+        for run in failed:
+            print(f"  {run.folder / 'failed.txt'}: {shlex.join(run.command)}")
+    return runs, failed
+
+
+if __name__ == "__main__":
+    try:
+        runs, failed = main()
+    except dspt.UserError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    raise SystemExit(1 if failed else 0)
