@@ -1,6 +1,6 @@
 """
-DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt and UPL's confident pseudo-labels,
-each a small change to dspt.py's run, which they import and reuse (model, data, label
+DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt, VisPrompt and UPL's confident
+pseudo-labels, each a small change to dspt.py's run, which they import and reuse (model, data, label
 noise, prompt learner, losses, training loop, evaluation, outputs).
 
     python baselines.py --method prograd --loss ce --data ./caltech101 --noise 0.5
@@ -13,12 +13,15 @@ Every flag of dspt.py means the same here; --method picks the only thing that ch
     nlprompt    NLPrompt (Pan et al., CVPR 2025): each epoch, optimal transport between the
                 images and the class prompts splits the samples; cross-entropy for those whose
                 transport label is their given label, MAE (1 - p_y) for the rest (--loss unused)
+    visprompt   VisPrompt (Geng et al., 2026), reconstructed: each image conditions the context
+                (attention to its feature, FiLM, a gate per token), NLPrompt's split on those
+                prompts, cross-entropy for the clean and GCE (q = 0.5) for the rest (--loss unused)
     upl         UPL's top-K pseudo-labels (Huang et al., 2022), the unsupervised setting PTNL
                 (Wu et al., ICCV 2023) discusses: no labels; zero-shot CLIP labels the whole train
                 split, the --shots most confident images of each predicted class are kept, and
                 the prompt is tuned on those pseudo-labels with --loss
 
-Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); UPL's pseudo-labels; main.
+Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); VisPrompt; UPL's pseudo-labels; main.
 """
 
 import math
@@ -27,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import dspt
 
-METHODS = ["coop", "prograd", "nlprompt", "upl"]
+METHODS = ["coop", "prograd", "nlprompt", "visprompt", "upl"]
 
 
 # -----------------------------------------------------------------------------
@@ -167,9 +171,16 @@ class NLPrompt:
         self.batch_clean = None
         self.epoch, self.records = None, {}  # epoch -> the transport split's figures
 
+    def logits(self, image_features):
+        return self.learner.clip.logits(image_features, self.learner.text_features())
+
+    def flagged_loss(self, logits, target):
+        """MAE, 1 - p_y, per sample: the loss of the samples the transport does not call clean."""
+        return 1 - logits.softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
+
     def split(self):
         with torch.no_grad():
-            logits = self.learner.clip.logits(self.features, self.learner.text_features())
+            logits = torch.cat([self.logits(chunk) for chunk in self.features.split(256)])
         agrees = transport_labels(logits).cpu() == self.labels[self.kept]
         self.clean[self.kept] = agrees
         flagged, wrong = ~agrees, self.noisy[self.kept]
@@ -183,11 +194,10 @@ class NLPrompt:
               flush=True)
 
     def loss(self, logits, target):
-        """Mean of cross-entropy on this batch's clean samples and MAE on the others."""
+        """Mean of cross-entropy on this batch's clean samples and flagged_loss on the others."""
         logits = logits.float()
         cross_entropy = F.cross_entropy(logits, target, reduction="none")
-        absolute_error = 1 - logits.softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
-        return torch.where(self.batch_clean.to(logits.device), cross_entropy, absolute_error).mean()
+        return torch.where(self.batch_clean.to(logits.device), cross_entropy, self.flagged_loss(logits, target)).mean()
 
     def step_loss(self, image_features, target, index, epoch):
         if epoch != self.epoch:
@@ -195,11 +205,92 @@ class NLPrompt:
             self.split()
         # Kept for self.loss, which train() calls again, on this batch, for its diagnostics.
         self.batch_clean = self.clean[index]
-        logits = self.learner.clip.logits(image_features, self.learner.text_features())
+        logits = self.logits(image_features)
         return logits, self.loss(logits, target)
 
     def epoch_record(self, epoch):
         return self.records[epoch]
+
+
+# -----------------------------------------------------------------------------
+# VisPrompt: the context conditioned on each image; NLPrompt's split, with GCE for the flagged.
+
+class ImageConditionedContext(nn.Module):
+    r"""VisPrompt's context for each image, from the shared context ctx [n_ctx, D] and the images'
+    global features f [B, E] (a reconstruction of the authors' unreleased module):
+
+        k = W_k f                        the image feature projected to the text width D
+        a = MHA(LN(ctx); k, k)           context tokens as queries, 8 heads; with the one key k the
+                                         attention weights are all 1, so a = W_o W_v k + b
+        gamma, beta = W_f a              FiLM: m = ctx * (1 + gamma) + beta
+        g = sigmoid(w_g . a + b_g)       one gate per context token
+        ctx' = ctx + g * m,   then ctx' + FFN(LN(ctx'))
+
+    Inferred: the FiLM layer and the FFN's last layer start at zero (so m = ctx and the FFN adds
+    nothing at first); the FFN's hidden width is D; the feature passed is the image's global
+    CLIP feature, as the authors' code passes it (their text speaks of patch tokens).
+    """
+
+    def __init__(self, width, image_dim, heads=8):
+        super().__init__()
+        self.image_projection = nn.Linear(image_dim, width)
+        self.norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.film = nn.Linear(width, 2 * width)
+        self.gate = nn.Linear(width, 1)
+        self.feed_forward = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                          nn.Linear(width, width))
+        for layer in (self.film, self.feed_forward[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, ctx, image_features):
+        """[B, n_ctx, D] from ctx [n_ctx, D] and image_features [B, E]; also the gates [B, n_ctx]."""
+        key = self.image_projection(image_features.float())[:, None]  # [B, 1, D]
+        query = self.norm(ctx).expand(len(key), -1, -1)  # [B, n_ctx, D]
+        attended = self.attention(query, key, key, need_weights=False)[0]
+        gamma, beta = self.film(attended).chunk(2, dim=-1)
+        gate = torch.sigmoid(self.gate(attended))  # [B, n_ctx, 1]
+        context = ctx + gate * (ctx * (1 + gamma) + beta)
+        return context + self.feed_forward(context), gate.squeeze(-1)
+
+
+def per_image_logits(clip, image_features, text_features):
+    """Scaled cosine similarities [B, C] of each image with its own class prompts [B, C, E]."""
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.float(), dim=-1)
+    return clip.logit_scale.exp().float() * torch.einsum("be,bce->bc", image_features, text_features)
+
+
+class VisPrompt(NLPrompt):
+    """dspt.train's step_loss and loss_fn for VisPrompt: every image gets its own context
+    (ImageConditionedContext, a submodule of the learner, so trained with ctx), packed into
+    prompts for every class as dspt.PromptLearner packs them; each epoch NLPrompt's transport
+    split on those logits; cross-entropy for the samples it calls clean, GCE (q = 0.5) for
+    the others. Records the split and the mean gate of each epoch."""
+
+    def __init__(self, learner, features, kept, labels, noisy):
+        super().__init__(learner, features, kept, labels, noisy)
+        clip = learner.clip
+        learner.conditioner = ImageConditionedContext(learner.ctx.shape[-1], clip.text_projection.shape[1]).to(
+            learner.ctx.device)
+        self.gates = {}  # epoch -> [sum of the batches' mean gates, batches]
+
+    def logits(self, image_features):
+        context, gate = self.learner.conditioner(self.learner.ctx, image_features)
+        if torch.is_grad_enabled():
+            total = self.gates.setdefault(self.epoch, [0.0, 0])
+            total[0] += gate.mean().item()
+            total[1] += 1
+        return per_image_logits(self.learner.clip, image_features, self.learner.text_features(context))
+
+    def flagged_loss(self, logits, target):
+        log_p_y = logits.log_softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
+        return (1 - torch.exp(0.5 * log_p_y)) / 0.5  # GCE, q = 0.5
+
+    def epoch_record(self, epoch):
+        total, batches = self.gates.get(epoch, (0.0, 0))
+        return {**super().epoch_record(epoch), "visprompt_gate_mean": total / batches if batches else None}
 
 
 # -----------------------------------------------------------------------------
@@ -242,14 +333,17 @@ def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args
 def parse_args(argv=None):
     """dspt.py's flags, and --method and --prograd-lambda."""
     parser = dspt.build_parser()
-    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, UPL) under dspt.py's "
+    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, VisPrompt, UPL) under dspt.py's "
                           "protocol: every flag of dspt.py applies, and --method picks the method.")
     add = parser.add_argument
     add("--method", choices=METHODS, default="coop",
         help="coop: dspt.py's run, CoOp with --loss; prograd: ProGrad with --loss as its domain loss "
              "(as published: --loss ce --ctx-init 'a photo of a' --n-ctx 16 --epochs 200); "
              "nlprompt: NLPrompt, cross-entropy on the samples optimal transport calls clean and MAE "
-             "on the rest, whatever --loss says; upl: UPL's pseudo-labels, --loss on "
+             "on the rest, whatever --loss says; visprompt: VisPrompt as reconstructed here (inferred: "
+             "the image's global feature as the one key, FiLM and FFN output starting at zero, FFN width "
+             "as the text width), each image's own context, NLPrompt's split, cross-entropy on the clean "
+             "and GCE q=0.5 on the rest, whatever --loss says; upl: UPL's pseudo-labels, --loss on "
              "zero-shot CLIP's --shots most confident images per class, no labels, no --noise "
              "(default %(default)s)")
     add("--prograd-lambda", type=float, default=1.0, metavar="LAMBDA",
@@ -308,16 +402,18 @@ def run(args):
     if args.method == "prograd":
         method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
         step_loss = method.step_loss
-    elif args.method == "nlprompt":
+    elif args.method in ("nlprompt", "visprompt"):
         with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
             features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
                                                          "encoding training images for optimal transport")
-        method = NLPrompt(learner, features, kept_train, labels, noisy)
+        method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy)
         loss_fn, step_loss = method.loss, method.step_loss
     history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss, scaler,
                          method and method.epoch_record, Path(args.out) / "checkpoint.pt")
     with torch.no_grad(), dspt.autocast(args):
-        final = dspt.accuracy(clip.logits(test_features, learner.text_features()), test_labels)
+        logits = (torch.cat([method.logits(chunk) for chunk in test_features.split(256)]) if args.method == "visprompt"
+                  else clip.logits(test_features, learner.text_features()))
+        final = dspt.accuracy(logits, test_labels)
     print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
 
     metrics = {

@@ -937,13 +937,18 @@ class PromptLearner(nn.Module):
         for name, value in zip(("index", "position", "mask", "eot_index"), packed):
             self.register_buffer(name, value.to(device), persistent=False)
 
-    def text_features(self):
-        """[C, embed_dim], differentiable with respect to ctx."""
-        clip = self.clip
-        pieces = torch.cat([self.sot_embedding, self.ctx, self.suffix_embedding])  # all fp32
-        x = (pieces[self.index] + clip.positional_embedding[self.position]).to(clip.dtype)  # [rows, length, D]
-        x = clip.transformer(x, self.mask[:, None])  # the mask is the same for every head
-        return clip.ln_final(x.flatten(0, 1)[self.eot_index]) @ clip.text_projection
+    def text_features(self, ctx=None):
+        """[C, embed_dim], differentiable with respect to ctx; or, given contexts [B, n_ctx, D] (one
+        per image, as instance-conditioned methods make them), [B, C, embed_dim]."""
+        clip, ctx = self.clip, self.ctx if ctx is None else ctx
+        batch, (rows, length) = ctx.shape[:-2], self.index.shape  # batch: () or (B,)
+        pieces = torch.cat([self.sot_embedding.expand(*batch, -1, -1), ctx,
+                            self.suffix_embedding.expand(*batch, -1, -1)], dim=-2)  # all fp32
+        x = (pieces[..., self.index, :] + clip.positional_embedding[self.position]).to(clip.dtype)
+        x = x.reshape(-1, length, x.shape[-1])  # [B * rows, length, D]
+        x = clip.transformer(x, self.mask.repeat(len(x) // rows, 1, 1)[:, None])  # the same for every head
+        x = x.reshape(*batch, rows * length, -1)[..., self.eot_index, :]
+        return clip.ln_final(x) @ clip.text_projection
 
 
 def pack_prompts(n_prefix, suffix_lengths, row_length=256):
@@ -992,6 +997,9 @@ def load_prompt(path, clip, tokenizer):
     except Exception as e:
         raise UserError(f"cannot read the prompt {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         f"give a prompt.pt that dspt.py or baselines.py wrote") from None
+    if saved.get("trained"):
+        raise UserError(f"the prompt {path} was learned with modules besides the context "
+                        f"({', '.join(saved['trained'])}); only a context-only prompt can be used here")
     learner = PromptLearner(clip, classnames, tokenizer, n_ctx=len(ctx))
     if ctx.shape != learner.ctx.shape:
         raise UserError(f"the prompt {path} has context vectors of width {ctx.shape[-1]}, this backbone's "
@@ -1118,7 +1126,8 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
         return logits, loss_fn(logits, target)
 
     step_loss = step_loss or plain_loss
-    optimizer = torch.optim.SGD([learner.ctx], lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    trained = {name: p for name, p in learner.named_parameters() if p.requires_grad}  # ctx, and a method's own
+    optimizer = torch.optim.SGD(trained.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scaler = scaler or grad_scaler(args)
     generator = torch.Generator().manual_seed(args.seed)
     batch_size = min(args.batch_size, len(items))
@@ -1146,7 +1155,8 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
     history = []
     if checkpoint and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint)
-        learner.ctx.data.copy_(state["ctx"])
+        for name, value in state["trained"].items():
+            trained[name].data.copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
@@ -1183,7 +1193,8 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
         print(format_epoch(history[-1], args.epochs), flush=True)
         if checkpoint:
             save_checkpoint(checkpoint, {
-                "command": command(args), "ctx": learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict(),
+                "command": command(args), "trained": {n: p.detach().cpu() for n, p in trained.items()},
+                "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": history})
     return history
@@ -1400,7 +1411,8 @@ def save_outputs(args, learner, dataset, items, given, metrics):
     """prompt.pt, training_sample.csv and metrics.json in --out, each written whole or not at all."""
     out = Path(args.out)
     atomic_write(out / "prompt.pt", lambda f: torch.save({
-        "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone}, f))
+        "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone,
+        "trained": {n: p.detach().cpu() for n, p in learner.named_parameters() if p.requires_grad and n != "ctx"}}, f))
     write_training_sample(out / "training_sample.csv", items, given, dataset.classnames, args.data)
     atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")

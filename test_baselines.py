@@ -270,6 +270,100 @@ def test_nlprompt_splits_once_per_epoch_and_mixes_cross_entropy_and_mae(tiny_che
 
 
 # -----------------------------------------------------------------------------
+# VisPrompt
+
+def test_one_key_attention_is_a_linear_map_of_the_key():
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(64, 8, batch_first=True)
+    key, query = torch.randn(5, 1, 64), torch.randn(5, 16, 64)
+    w_v, b_v = attention.in_proj_weight[128:], attention.in_proj_bias[128:]
+    expected = attention.out_proj(key @ w_v.T + b_v).expand(-1, 16, -1)  # softmax over one key is 1
+    torch.testing.assert_close(attention(query, key, key)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conditioned_context_is_film_and_gate_by_hand():
+    torch.manual_seed(1)
+    module = baselines.ImageConditionedContext(width=16, image_dim=8, heads=8)
+    for parameter in module.parameters():  # random values everywhere, the zero-initialised layers too
+        torch.nn.init.normal_(parameter, std=0.3)
+    ctx, image = torch.randn(4, 16), torch.randn(3, 8)
+    context, gate = module(ctx, image)
+    # The attention output, by the one-key rule above; then FiLM, gate and FFN written out.
+    key = image @ module.image_projection.weight.T + module.image_projection.bias
+    w_v, b_v = module.attention.in_proj_weight[32:], module.attention.in_proj_bias[32:]
+    a = ((key @ w_v.T + b_v) @ module.attention.out_proj.weight.T + module.attention.out_proj.bias)[:, None, :]
+    a = a.expand(-1, 4, -1)
+    film = a @ module.film.weight.T + module.film.bias
+    gamma, beta = film[..., :16], film[..., 16:]
+    g = torch.sigmoid(a @ module.gate.weight.T + module.gate.bias)
+    expected = ctx + g * (ctx * (1 + gamma) + beta)
+    layer_norm, first, _, last = module.feed_forward
+    hidden = torch.nn.functional.gelu(layer_norm(expected) @ first.weight.T + first.bias)
+    expected = expected + hidden @ last.weight.T + last.bias
+    torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gate, g.squeeze(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_conditioned_context_starts_as_the_gated_shared_context():
+    module = baselines.ImageConditionedContext(width=16, image_dim=8)
+    ctx = torch.randn(4, 16)
+    context, gate = module(ctx, torch.randn(3, 8))
+    torch.testing.assert_close(context, ctx * (1 + gate[..., None]))  # FiLM and FFN start at zero
+    # RN50's widths: projection 1024*512+512, norm 2*512, attention 4*512*512+4*512, FiLM 512*1024+1024,
+    # gate 513, FFN 2*512 + 2*(512*512+512): 2,628,609 trained besides the context's 8,192.
+    assert sum(p.numel() for p in baselines.ImageConditionedContext(512, 1024).parameters()) == 2_628_609
+
+
+def test_per_image_packed_prompts_equal_the_straightforward_computation(tiny_checkpoint):
+    from test_dspt import straightforward_text_features
+    learner = tiny_learner(tiny_checkpoint)
+    torch.manual_seed(2)
+    contexts = (learner.ctx.detach() + 0.1 * torch.randn(3, 4, 64)).requires_grad_()
+    image_features, target = torch.randn(3, 32), torch.tensor([0, 3, 1])
+    logits = baselines.per_image_logits(learner.clip, image_features, learner.text_features(contexts))
+    dspt.double_softmax_loss(logits, target).backward()
+    packed_gradient, contexts.grad = contexts.grad.clone(), None
+    tokenizer = dspt.load_tokenizer(BPE_PATH)
+    text = torch.stack([straightforward_text_features(learner.clip, tokenizer, context, CLASSNAMES)
+                        for context in contexts])
+    expected = baselines.per_image_logits(learner.clip, image_features, text)
+    dspt.double_softmax_loss(expected, target).backward()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert ((packed_gradient - contexts.grad).norm() / contexts.grad.norm()).item() < 1e-5
+    assert not torch.allclose(logits[0], logits[1])  # each image has its own prompts
+
+
+def test_visprompt_scores_each_image_with_its_own_conditioned_prompts(tiny_checkpoint):
+    learner = tiny_learner(tiny_checkpoint)
+    torch.manual_seed(3)
+    features, labels = torch.randn(6, 32), torch.randint(0, len(CLASSNAMES), (6,))
+    visprompt = baselines.VisPrompt(learner, features, torch.arange(6), labels, torch.zeros(6, dtype=torch.bool))
+    for parameter in learner.conditioner.film.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    assert [name for name, p in learner.named_parameters() if p.requires_grad][:2] == [
+        "ctx", "conditioner.image_projection.weight"]  # trained with the context
+    with torch.no_grad():
+        logits = visprompt.logits(features)
+        context, _ = learner.conditioner(learner.ctx, features)
+        expected = baselines.per_image_logits(learner.clip, features, learner.text_features(context))
+        shared = learner.clip.logits(features, learner.text_features())
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, shared, atol=1e-3)
+
+
+def test_visprompt_gives_gce_to_the_flagged_samples_by_hand():
+    features = HAND_PROBABILITIES.log()
+    labels, noisy = torch.tensor([0, 0]), torch.tensor([False, True])
+    visprompt = baselines.VisPrompt.__new__(baselines.VisPrompt)
+    baselines.NLPrompt.__init__(visprompt, FixedLogits(2), features, torch.arange(2), labels, noisy)
+    visprompt.gates = {}
+    visprompt.logits = lambda image_features: image_features  # the hand case's logits
+    _, loss = visprompt.step_loss(features, labels, torch.arange(2), epoch=0)
+    # sample 0 clean: -log 0.9; sample 1 flagged: GCE (1 - 0.6^0.5) / 0.5
+    assert loss.item() == pytest.approx((-math.log(0.9) + (1 - 0.6 ** 0.5) / 0.5) / 2)
+
+
+# -----------------------------------------------------------------------------
 # UPL: confident pseudo-labels
 
 def test_confident_selection_equals_brute_force_sort():
@@ -363,8 +457,10 @@ def test_each_method_trains_and_writes_metrics_and_prompt(tmp_path, image_folder
     for record in written["history"]:
         if method == "prograd":
             assert 0 <= record["prograd_conflict_fraction"] <= 1
-        if method == "nlprompt":
+        if method in ("nlprompt", "visprompt"):
             assert 0 <= record["ot_clean_fraction"] <= 1 and 0 <= record["ot_noisy_recall"] <= 1
+        if method == "visprompt":
+            assert 0 < record["visprompt_gate_mean"] < 1
     if method == "upl":
         assert written["pseudo_label_pool"] == 18 and 1 <= written["train_images"] <= 3 * 4
         assert written["pseudo_label_accuracy"] == pytest.approx(1 - written["noise_rate"])
