@@ -1,6 +1,6 @@
 """
-DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt, VisPrompt and UPL's confident
-pseudo-labels, each a small change to dspt.py's run, which they import and reuse (model, data, label
+DSPT's peers under DSPT's protocol: CoOp, ProGrad, NLPrompt, VisPrompt, ANPrompt and UPL's
+confident pseudo-labels, each a small change to dspt.py's run, which they import and reuse (model, data, label
 noise, prompt learner, losses, training loop, evaluation, outputs).
 
     python baselines.py --method prograd --loss ce --data ./caltech101 --noise 0.5
@@ -16,12 +16,15 @@ Every flag of dspt.py means the same here; --method picks the only thing that ch
     visprompt   VisPrompt (Geng et al., 2026), reconstructed: each image conditions the context
                 (attention to its feature, FiLM, a gate per token), NLPrompt's split on those
                 prompts, cross-entropy for the clean and GCE (q = 0.5) for the rest (--loss unused)
+    anprompt    ANPrompt (Gao, Zheng, Wang), reconstructed: noise prompts clustered from weakly
+                perturbed sentences, anti-noise prompts in the deeper layers of both encoders, a
+                visual prototype, --loss plus a weak alignment of clean and perturbed logits
     upl         UPL's top-K pseudo-labels (Huang et al., 2022), the unsupervised setting PTNL
                 (Wu et al., ICCV 2023) discusses: no labels; zero-shot CLIP labels the whole train
                 split, the --shots most confident images of each predicted class are kept, and
                 the prompt is tuned on those pseudo-labels with --loss
 
-Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); VisPrompt; UPL's pseudo-labels; main.
+Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); VisPrompt; ANPrompt; UPL's pseudo-labels; main.
 """
 
 import math
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 
 import dspt
 
-METHODS = ["coop", "prograd", "nlprompt", "visprompt", "upl"]
+METHODS = ["coop", "prograd", "nlprompt", "visprompt", "anprompt", "upl"]
 
 
 # -----------------------------------------------------------------------------
@@ -294,6 +297,157 @@ class VisPrompt(NLPrompt):
 
 
 # -----------------------------------------------------------------------------
+# ANPrompt (a reconstruction): noise prompts from perturbed sentences, anti-noise prompts in
+# the deeper layers of both encoders, a visual prototype, and a weak alignment loss.
+
+# Mild perturbations of "a photo of a {}." (from CLIP's own prompt ensemble), fused with each
+# class's main sentence into weakly perturbed text features.
+PERTURBATIONS = ["a blurry photo of a {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
+                 "a low resolution photo of a {}.", "a bright photo of a {}.", "a photo of the small {}."]
+
+
+def kmeans(points, k, iterations=50):
+    """Lloyd's k-means: the centroids [k, dim]. It starts from the first point and then, one at a
+    time, the point farthest from those chosen, so that separated clusters each get one."""
+    chosen = [0]
+    for _ in range(k - 1):
+        chosen.append(int(torch.cdist(points, points[chosen]).min(dim=1).values.argmax()))
+    centroids = points[chosen].clone()
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        for j in range(k):
+            if (assignment == j).any():
+                centroids[j] = points[assignment == j].mean(dim=0)
+    return centroids
+
+
+def noise_prompts(clip, tokenizer, classnames, template, n, weight=0.5):
+    """[n, embed_dim]: the k-means centroids of every class's main sentence's text feature fused
+    with each perturbed sentence's, (1 - weight) e(main) + weight e(perturbed), normalised."""
+    def encode(texts):
+        return F.normalize(clip.encode_text(tokenizer.tokenize(texts).to(clip.text_projection.device)).float(), dim=-1)
+    with torch.no_grad():
+        main = encode([template.format(name) for name in classnames])
+        fused = [F.normalize((1 - weight) * main + weight * encode([p.format(name) for name in classnames]), dim=-1)
+                 for p in PERTURBATIONS]
+    return kmeans(torch.cat(fused).cpu(), min(n, len(classnames) * len(PERTURBATIONS))).to(main.device)
+
+
+def weak_alignment_loss(logits, clean_logits):
+    """The mean squared difference of the two predictions' logits over the classes, each sample's
+    divided by the spread (standard deviation) of its clean logits, or by 1 if that is smaller: a
+    consistency at the logit level that does not grow with CLIP's logit scale, nor explode when
+    the logits are nearly flat."""
+    spread = clean_logits.std(dim=-1, keepdim=True).detach().clamp(min=1.0)
+    return (((logits - clean_logits) / spread) ** 2).mean()
+
+
+class ANPrompt(nn.Module):
+    """dspt.train's step_loss and image_encoder for ANPrompt as reconstructed here (its code is
+    unreleased; every choice below is inferred from its description).
+
+    Noise prompts N [n_ctx, E]: noise_prompts of the class names. Anti-noise prompts: in each of
+    the deeper half of the text transformer's layers, A_l = T_l + N W_t is added to the hidden
+    states of the context positions; in the deeper half of a ViT's layers (a ResNet's attention
+    pool), n_ctx vision prompt tokens V_l = U_l + N W_v are appended (replaced at every layer),
+    and their outputs, averaged and projected like the class token, are the visual prototype
+    added, times a learned scale, to the image feature (NRVPP). T, W_t, W_v and the scale start
+    at zero, so the text side starts as CoOp's; U starts as N(0, 0.02). The "clean" prediction leaves out the noise prompts' share
+    (N W_t, N W_v); the loss is --loss on the anti-noise prediction plus weight times
+    weak_alignment_loss between the two. Predictions use the anti-noise prompts.
+    """
+
+    def __init__(self, learner, noise, loss_fn, weight=1.0):
+        super().__init__()
+        clip, n_ctx = learner.clip, len(learner.ctx)
+        self.learner, self.loss_fn, self.weight = [learner], loss_fn, weight  # a list: not a submodule
+        self.register_buffer("noise", noise.float())
+        text_layers, text_width = len(clip.transformer.resblocks), clip.ln_final.weight.shape[0]
+        self.text_depth = max(1, text_layers // 2)
+        self.text_tokens = nn.Parameter(torch.zeros(self.text_depth, n_ctx, text_width))
+        self.text_map = nn.Parameter(torch.zeros(noise.shape[1], text_width))
+        visual = clip.visual
+        self.vit = isinstance(visual, dspt.VisionTransformer)
+        vision_width = visual.ln_post.weight.shape[0] if self.vit else visual.attnpool.k_proj.in_features
+        self.vision_depth = max(1, len(visual.transformer.resblocks) // 2) if self.vit else 1
+        self.vision_tokens = nn.Parameter(0.02 * torch.randn(self.vision_depth, n_ctx, vision_width))
+        self.vision_map = nn.Parameter(torch.zeros(noise.shape[1], vision_width))
+        self.prototype_scale = nn.Parameter(torch.zeros(()))  # the prototype's share starts at zero
+        self.to(learner.ctx.device)
+        learner.anprompt = self  # trained with the context
+        self.alignment = {}  # epoch -> [sum of the steps' alignment losses, steps]
+
+    def encode_frozen(self, images):
+        """The image encoder up to its first prompted layer (no prompts before it): frozen."""
+        visual = self.learner[0].clip.visual
+        if not self.vit:
+            x = images.to(visual.conv1.weight.dtype, memory_format=torch.channels_last)
+            x = visual.relu1(visual.bn1(visual.conv1(x)))
+            x = visual.relu2(visual.bn2(visual.conv2(x)))
+            x = visual.avgpool(visual.relu3(visual.bn3(visual.conv3(x))))
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+            return x.flatten(2).transpose(1, 2)  # NCHW -> N(HW)C, the attention pool's input
+        x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+        x = visual.ln_pre(x + visual.positional_embedding.to(x.dtype))
+        for block in visual.transformer.resblocks[:len(visual.transformer.resblocks) - self.vision_depth]:
+            x = block(x)
+        return x
+
+    def image_features(self, frozen, noise=True):
+        """[B, E]: the image feature plus the visual prototype, from encode_frozen's output."""
+        visual, n = self.learner[0].clip.visual, self.vision_tokens.shape[1]
+        dtype = visual.conv1.weight.dtype
+        prompts = (self.vision_tokens + (self.noise @ self.vision_map if noise else 0)).to(dtype)  # [depth, n, width]
+        x = frozen.to(dtype)
+        if self.vit:
+            x = torch.cat([x, prompts[0].expand(len(x), -1, -1)], dim=1)
+            for depth, block in enumerate(visual.transformer.resblocks[-self.vision_depth:]):
+                x = block(torch.cat([x[:, :-n], prompts[depth].expand(len(x), -1, -1)], dim=1))
+            out = visual.ln_post(torch.stack([x[:, 0], x[:, -n:].mean(dim=1)])) @ visual.proj
+            return out[0] + self.prototype_scale * out[1]
+        pool = visual.attnpool
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)
+        x = torch.cat([x, prompts[0].expand(len(x), -1, -1)], dim=1)
+        queries = torch.cat([x[:, :1], x[:, -n:]], dim=1)  # the mean token and the prompts
+        q = dspt.split_heads(pool.q_proj(queries), pool.heads)
+        k, v = dspt.split_heads(pool.k_proj(x), pool.heads), dspt.split_heads(pool.v_proj(x), pool.heads)
+        out = pool.c_proj(dspt.merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return out[:, 0] + self.prototype_scale * out[:, 1:].mean(dim=1)
+
+    def text_features(self, noise=True):
+        """[C, E]: the learner's packed prompts with the anti-noise prompts added at the context
+        positions of the deeper layers."""
+        learner = self.learner[0]
+        clip, n = learner.clip, len(learner.ctx)
+        prompts = self.text_tokens + (self.noise @ self.text_map if noise else 0)  # [depth, n, width]
+        pieces = torch.cat([learner.sot_embedding, learner.ctx, learner.suffix_embedding])
+        x = (pieces[learner.index] + clip.positional_embedding[learner.position]).to(clip.dtype)
+        blocks = clip.transformer.resblocks
+        for layer, block in enumerate(blocks):
+            depth = layer - (len(blocks) - self.text_depth)
+            if depth >= 0:
+                x = torch.cat([x[:, :1], x[:, 1:1 + n] + prompts[depth].to(x.dtype), x[:, 1 + n:]], dim=1)
+            x = block(x, learner.mask[:, None])
+        return clip.ln_final(x.flatten(0, 1)[learner.eot_index]) @ clip.text_projection
+
+    def logits(self, frozen, noise=True):
+        return self.learner[0].clip.logits(self.image_features(frozen, noise), self.text_features(noise))
+
+    def step_loss(self, frozen, target, index, epoch):
+        logits = self.logits(frozen)
+        alignment = weak_alignment_loss(logits, self.logits(frozen, noise=False))
+        total = self.alignment.setdefault(epoch, [0.0, 0])
+        total[0] += alignment.item()
+        total[1] += 1
+        return logits, self.loss_fn(logits, target) + self.weight * alignment
+
+    def epoch_record(self, epoch):
+        total, steps = self.alignment.get(epoch, (0.0, 0))
+        return {"anprompt_alignment_loss": total / steps if steps else None}
+
+
+# -----------------------------------------------------------------------------
 # UPL: zero-shot CLIP's most confident predictions as labels.
 
 def select_confident_per_class(probabilities, k):
@@ -333,7 +487,7 @@ def pseudo_labelled_training_set(clip, preprocess, pool, template_features, args
 def parse_args(argv=None):
     """dspt.py's flags, and --method and --prograd-lambda."""
     parser = dspt.build_parser()
-    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, VisPrompt, UPL) under dspt.py's "
+    parser.description = ("DSPT's peers (CoOp, ProGrad, NLPrompt, VisPrompt, ANPrompt, UPL) under dspt.py's "
                           "protocol: every flag of dspt.py applies, and --method picks the method.")
     add = parser.add_argument
     add("--method", choices=METHODS, default="coop",
@@ -343,7 +497,11 @@ def parse_args(argv=None):
              "on the rest, whatever --loss says; visprompt: VisPrompt as reconstructed here (inferred: "
              "the image's global feature as the one key, FiLM and FFN output starting at zero, FFN width "
              "as the text width), each image's own context, NLPrompt's split, cross-entropy on the clean "
-             "and GCE q=0.5 on the rest, whatever --loss says; upl: UPL's pseudo-labels, --loss on "
+             "and GCE q=0.5 on the rest, whatever --loss says; anprompt: ANPrompt as reconstructed here "
+             "(inferred: the perturbed sentences, their fusion and clustering, additive text prompts and "
+             "appended vision prompts in the deeper half of the layers, the prototype added to the image "
+             "feature, the alignment loss; see README), --loss plus the alignment loss (published: --loss ce); "
+             "upl: UPL's pseudo-labels, --loss on "
              "zero-shot CLIP's --shots most confident images per class, no labels, no --noise "
              "(default %(default)s)")
     add("--prograd-lambda", type=float, default=1.0, metavar="LAMBDA",
@@ -399,6 +557,7 @@ def run(args):
 
     learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
     loss_fn, step_loss, method, scaler = dspt.LOSSES[args.loss], None, None, dspt.grad_scaler(args)
+    image_encoder = None
     if args.method == "prograd":
         method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
         step_loss = method.step_loss
@@ -408,11 +567,21 @@ def run(args):
                                                          "encoding training images for optimal transport")
         method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy)
         loss_fn, step_loss = method.loss, method.step_loss
+    elif args.method == "anprompt":
+        noise = noise_prompts(clip, tokenizer, classnames, args.template or dataset.template, len(learner.ctx))
+        method = ANPrompt(learner, noise, loss_fn)
+        step_loss, image_encoder = method.step_loss, method.encode_frozen
     history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss, scaler,
-                         method and method.epoch_record, Path(args.out) / "checkpoint.pt")
+                         method and method.epoch_record, Path(args.out) / "checkpoint.pt", image_encoder)
     with torch.no_grad(), dspt.autocast(args):
-        logits = (torch.cat([method.logits(chunk) for chunk in test_features.split(256)]) if args.method == "visprompt"
-                  else clip.logits(test_features, learner.text_features()))
+        if args.method == "visprompt":  # each test image with its own prompts
+            logits = torch.cat([method.logits(chunk) for chunk in test_features.split(256)])
+        elif args.method == "anprompt":  # each test image through the prompted encoder again
+            logits, kept_again, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
+                                                       lambda images: method.logits(method.encode_frozen(images)))
+            assert torch.equal(kept_again, kept)
+        else:
+            logits = clip.logits(test_features, learner.text_features())
         final = dspt.accuracy(logits, test_labels)
     print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
 

@@ -1051,8 +1051,10 @@ LOSSES = {"dspt": double_softmax_loss, "ce": cross_entropy_loss,
 # Training and evaluation.
 
 @torch.no_grad()
-def encode_images(clip, items, transform, args, desc):
-    """(features [N, embed_dim] fp32, indices of the items they belong to, n_unreadable)."""
+def encode_images(clip, items, transform, args, desc, encode=None):
+    """(features [N, embed_dim] fp32, indices of the items they belong to, n_unreadable); encode
+    replaces clip.encode_image."""
+    encode = encode or clip.encode_image
     loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=collate)
     features, indices, unreadable = [], [], 0
@@ -1060,7 +1062,7 @@ def encode_images(clip, items, transform, args, desc):
         unreadable += bad
         if images is not None:
             with autocast(args):
-                features.append(clip.encode_image(images.to(args.device, args.dtype)).float())
+                features.append(encode(images.to(args.device, args.dtype)).float())
             indices.append(index)
     if not features:
         raise UserError(f"none of the {len(items)} images for {desc} could be read")
@@ -1107,7 +1109,7 @@ def load_checkpoint(path):
 
 
 def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=None, epoch_record=None,
-          checkpoint=None):
+          checkpoint=None, image_encoder=None):
     """Tune learner.ctx on items with the given (partly wrong) labels; noisy marks the wrong ones.
 
     Returns the per-epoch history. Without augmentation the images' features never change,
@@ -1115,7 +1117,9 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
     index, epoch) -> (logits, loss) replaces the plain loss_fn(logits, target) for methods
     that need more than the logits (baselines.py); loss_fn still gives the gradient diagnostics.
     scaler: the step_loss's grad_scaler(args), if it needs one itself; epoch_record(epoch), the
-    method's own figures for the history. With a checkpoint path, the state after every epoch
+    method's own figures for the history; image_encoder(images), what step_loss gets of the images
+    in place of CLIP's image features (a method that trains inside the image encoder gives the
+    output of its frozen part). With a checkpoint path, the state after every epoch
     (context, optimizer, scaler, history and the random states that decide the later batches and
     augmentations) is saved there, and a run that finds one there continues after its epoch.
     """
@@ -1133,7 +1137,7 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
     batch_size = min(args.batch_size, len(items))
     if args.no_augment:
         features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution),
-                                          args, "encoding training images")
+                                          args, "encoding training images", image_encoder)
         steps = len(kept) // batch_size
 
         def batches():  # (image features, indices into items), dropping the last partial batch
@@ -1149,7 +1153,7 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
         def batches():
             for images, _, index, _ in loader:
                 with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
-                    image_features = clip.encode_image(images.to(args.device, args.dtype))
+                    image_features = (image_encoder or clip.encode_image)(images.to(args.device, args.dtype))
                 yield image_features, index
 
     history = []

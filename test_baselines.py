@@ -364,6 +364,87 @@ def test_visprompt_gives_gce_to_the_flagged_samples_by_hand():
 
 
 # -----------------------------------------------------------------------------
+# ANPrompt (reconstruction)
+
+def test_weak_alignment_loss_by_hand():
+    logits, clean = torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[1.0, 2.0, 3.0]])  # clean spread: std 1
+    assert baselines.weak_alignment_loss(logits, clean).item() == pytest.approx((4 + 1 + 1) / 3, rel=1e-5)
+    assert baselines.weak_alignment_loss(10 * logits, 10 * clean).item() == pytest.approx(2.0, rel=1e-5)
+    # nearly flat clean logits (std 0.1): divided by 1, not by 0.1
+    assert baselines.weak_alignment_loss(0.1 * logits, 0.1 * clean).item() == pytest.approx(0.02, rel=1e-5)
+
+
+def test_kmeans_finds_the_means_of_separated_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(20, 2) for c in centres])
+    found = baselines.kmeans(points, 3)
+    expected = torch.stack([points[20 * i:20 * (i + 1)].mean(dim=0) for i in range(3)])
+    order = torch.cdist(expected, found).argmin(dim=1)
+    torch.testing.assert_close(found[order], expected)
+
+
+def anprompt_learner(tiny_checkpoint):
+    learner = tiny_learner(tiny_checkpoint)
+    noise = baselines.noise_prompts(learner.clip, dspt.load_tokenizer(BPE_PATH), CLASSNAMES, "a photo of a {}.", 4)
+    return learner, baselines.ANPrompt(learner, noise, dspt.cross_entropy_loss)
+
+
+def test_anprompt_text_side_starts_as_coop_and_adds_its_prompts_at_the_context(tiny_checkpoint):
+    learner, anprompt = anprompt_learner(tiny_checkpoint)
+    assert anprompt.noise.shape == (4, 32) and anprompt.text_depth == 1
+    with torch.no_grad():
+        torch.testing.assert_close(anprompt.text_features(), learner.text_features())  # T, W_t start at 0
+        torch.nn.init.normal_(anprompt.text_tokens, std=0.1)
+        torch.nn.init.normal_(anprompt.text_map, std=0.1)
+        # The oracle: every class's whole prompt, the anti-noise prompt added at the context
+        # positions before the last layer (the deeper half of 2).
+        tokenizer, clip = dspt.load_tokenizer(BPE_PATH), learner.clip
+        tokens = tokenizer.tokenize([" ".join(["x"] * 4) + f" {name}." for name in CLASSNAMES])
+        x = clip.token_embedding(tokens)
+        x = torch.cat([x[:, :1], learner.ctx.expand(len(CLASSNAMES), -1, -1), x[:, 5:]], dim=1) + clip.positional_embedding
+        mask = dspt.causal_mask(77)
+        x = clip.transformer.resblocks[0](x, mask)
+        prompt = anprompt.text_tokens[0] + anprompt.noise @ anprompt.text_map
+        x = torch.cat([x[:, :1], x[:, 1:5] + prompt, x[:, 5:]], dim=1)
+        x = clip.ln_final(clip.transformer.resblocks[1](x, mask))
+        expected = x[torch.arange(len(x)), tokens.argmax(-1)] @ clip.text_projection
+        torch.testing.assert_close(anprompt.text_features(), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(anprompt.text_features(noise=False), expected, atol=1e-4)
+
+
+def test_anprompt_frozen_image_part_is_the_encoder_up_to_its_prompted_layers(tiny_checkpoint):
+    learner, anprompt = anprompt_learner(tiny_checkpoint)
+    visual, images = learner.clip.visual, torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        x = anprompt.encode_frozen(images)
+        for block in visual.transformer.resblocks[-anprompt.vision_depth:]:
+            x = block(x)
+        torch.testing.assert_close(visual.ln_post(x[:, 0]) @ visual.proj, learner.clip.encode_image(images))
+        features = anprompt.image_features(anprompt.encode_frozen(images))
+    assert features.shape == (3, 32) and torch.isfinite(features).all()
+
+
+def test_anprompt_on_a_resnet_pools_with_its_prompts(tiny_checkpoint):
+    torch.manual_seed(0)
+    model = dspt.CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
+                      vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=64,
+                      transformer_heads=1, transformer_layers=2).eval().requires_grad_(False)
+    learner = dspt.PromptLearner(model, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=4)
+    anprompt = baselines.ANPrompt(learner, torch.randn(4, 32), dspt.cross_entropy_loss)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        frozen = anprompt.encode_frozen(images)  # the attention pool's input
+        side = int(frozen.shape[1] ** 0.5)
+        grid = frozen.transpose(1, 2).reshape(2, -1, side, side)
+        torch.testing.assert_close(model.visual.attnpool(grid), model.encode_image(images))
+        anprompt.vision_tokens.zero_()  # zero prompt tokens still take part in the attention
+        anprompt.prototype_scale.fill_(1.0)
+        features = anprompt.image_features(frozen, noise=False)
+    assert features.shape == (2, 32) and not torch.allclose(features, model.encode_image(images))
+
+
+# -----------------------------------------------------------------------------
 # UPL: confident pseudo-labels
 
 def test_confident_selection_equals_brute_force_sort():
@@ -461,6 +542,8 @@ def test_each_method_trains_and_writes_metrics_and_prompt(tmp_path, image_folder
             assert 0 <= record["ot_clean_fraction"] <= 1 and 0 <= record["ot_noisy_recall"] <= 1
         if method == "visprompt":
             assert 0 < record["visprompt_gate_mean"] < 1
+        if method == "anprompt":
+            assert record["anprompt_alignment_loss"] >= 0
     if method == "upl":
         assert written["pseudo_label_pool"] == 18 and 1 <= written["train_images"] <= 3 * 4
         assert written["pseudo_label_accuracy"] == pytest.approx(1 - written["noise_rate"])

@@ -364,12 +364,21 @@ def tune_with_transport(method_class):
     return tune
 
 
+def tune_anprompt(learner, items, labels, noisy, args, task):
+    """ANPrompt as reconstructed in baselines.py, with cross-entropy as published."""
+    noise = baselines.noise_prompts(learner.clip, task["tokenizer"], learner.classnames, task["prompt"], len(learner.ctx))
+    method = baselines.ANPrompt(learner, noise, dspt.LOSSES["ce"])
+    task["method"] = method  # for the evaluation: through the prompted image encoder
+    return dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss,
+                      epoch_record=method.epoch_record, image_encoder=method.encode_frozen)
+
+
 # A method turns (learner, items, given labels, mask of wrong ones, args, task) into dspt.train's
 # history; task holds what the peers need besides: zero-shot CLIP's text features ("template")
 # and the image transform ("preprocess").
 METHODS = {**{loss: tune_with_loss(loss) for loss in ("ce", "gce", "mae", "dspt")},
            "prograd": tune_prograd, "nlprompt": tune_with_transport(baselines.NLPrompt),
-           "visprompt": tune_with_transport(baselines.VisPrompt)}
+           "visprompt": tune_with_transport(baselines.VisPrompt), "anprompt": tune_anprompt}
 # The context's initial words, where a method publishes one (after zero vectors up to --n-ctx 16).
 CONTEXT_INIT = {"prograd": "a photo of a"}
 # UPL's pseudo-labelling has no labels, hence no noise axis: its own small grid, over these losses.
@@ -394,6 +403,10 @@ def tune_and_evaluate(method, clip, tokenizer, classnames, items, labels, noisy,
         text_features = learner.text_features()
         if isinstance(cell.get("method"), baselines.VisPrompt):  # every image has its own prompts
             logits = torch.cat([cell["method"].logits(chunk) for chunk in test["features"].split(256)])
+        elif isinstance(cell.get("method"), baselines.ANPrompt):  # through the prompted image encoder
+            method = cell["method"]
+            logits, _, _ = dspt.encode_images(clip, test["items"], task["preprocess"], args, "encoding test images",
+                                              lambda images: method.logits(method.encode_frozen(images)))
         else:
             logits = clip.logits(test["features"], text_features)
         accuracy = dspt.accuracy(logits, test["labels"])
@@ -401,7 +414,8 @@ def tune_and_evaluate(method, clip, tokenizer, classnames, items, labels, noisy,
     if noisy.any():  # how hard the wrongly labelled samples pull, relative to the others, over training
         ratio = sum(r["grad_norm_noisy"] for r in history) / sum(r["grad_norm_clean"] for r in history)
     extra = {key: history[-1][key] for key in ("prograd_conflict_fraction", "ot_clean_fraction", "ot_noisy_precision",
-                                                 "ot_noisy_recall", "visprompt_gate_mean") if key in history[-1]}
+                                                 "ot_noisy_recall", "visprompt_gate_mean", "anprompt_alignment_loss")
+             if key in history[-1]}
     return {"test_accuracy": accuracy, "memorisation": history[-1]["train_accuracy_noisy"],
             "gradient_ratio": ratio, "text_similarity": mean_pairwise_cosine(text_features),
             "seconds": time.time() - start, "epoch_seconds": float(np.mean([r["seconds"] for r in history])), **extra}
@@ -421,12 +435,13 @@ def run_grid(mode, data, clip, preprocess, tokenizer, cache):
     dspt.check_args(base)
     classnames, train_items, test_items, _, _, prompt = dspt.load_dataset(data)
     features, kept, _ = dspt.encode_images(clip, test_items, preprocess, base, "encoding test images")
-    test = {"features": features, "labels": torch.tensor([test_items[i][1] for i in kept.tolist()])}
+    test = {"features": features, "labels": torch.tensor([test_items[i][1] for i in kept.tolist()]),
+            "items": [test_items[i] for i in kept.tolist()]}
     with torch.no_grad():
         template = clip.encode_text(tokenizer.tokenize([prompt.format(c) for c in classnames]))
     zero_shot = {"test_accuracy": dspt.accuracy(clip.logits(test["features"], template), test["labels"]),
                  "text_similarity": mean_pairwise_cosine(template)}
-    task = {"template": template, "preprocess": preprocess}
+    task = {"template": template, "preprocess": preprocess, "tokenizer": tokenizer, "prompt": prompt}
     print(f"zero-shot test accuracy {zero_shot['test_accuracy']:.1%} ({len(classnames)} classes, "
           f"{len(kept)} test images)")
     runs = []
@@ -544,7 +559,8 @@ images; final logit scale {pre['logit_scale']:.1f}. Zero-shot accuracy with "a p
 per class, dspt.py's defaults (16 context vectors, 50 epochs, SGD lr 0.002), no augmentation. \
 Rows ce, gce, mae, dspt: CoOp with that loss; prograd: ProGrad with cross-entropy as its domain loss \
 (lambda 1), its context started from "a photo of a" after 12 zero vectors, 50 epochs (under DSPT's protocol; \
-the paper trains 200); nlprompt: NLPrompt; visprompt: VisPrompt as reconstructed in baselines.py. Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
+the paper trains 200); nlprompt: NLPrompt; visprompt, anprompt: VisPrompt and ANPrompt as reconstructed in \
+baselines.py (ANPrompt with cross-entropy). Mean ± std over seeds {", ".join(map(str, SEEDS[mode]))}.
 
 ## Test accuracy (%)
 

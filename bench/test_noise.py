@@ -43,7 +43,7 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
     # on images like its own; the shifted downstream task is allowed to be much harder.
     assert report["zero_shot_like_pretraining"] > 0.3
     clean = {run["method"]: run["test_accuracy"] for run in report["runs"] if run["kind"] == "clean"}
-    assert list(clean) == list(noise.METHODS) == ["ce", "gce", "mae", "dspt", "prograd", "nlprompt", "visprompt"]
+    assert list(clean) == list(noise.METHODS) == ["ce", "gce", "mae", "dspt", "prograd", "nlprompt", "visprompt", "anprompt"]
     zero_shot = report["zero_shot"]["test_accuracy"]
     for method, accuracy in clean.items():
         assert accuracy > zero_shot + 0.05, f"{method} tuned on clean labels does not beat zero-shot"
@@ -57,6 +57,8 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
             assert 0 <= run["ot_clean_fraction"] <= 1 and 0 <= run["ot_noisy_recall"] <= 1
         if run["method"] == "visprompt":
             assert 0 < run["visprompt_gate_mean"] < 1
+        if run["method"] == "anprompt":
+            assert run["anprompt_alignment_loss"] >= 0
         assert run["epoch_seconds"] > 0
     # UPL: no noise axis; the whole pool pseudo-labelled, --shots kept per predicted class.
     upl = report["upl_runs"]
@@ -68,13 +70,13 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
     text = (out / "noise.md").read_text()
     header, *rows = markdown_table(text, "Test accuracy (%)")
     assert header == ["method", "clean", "sym 50%", "pair 50%"]
-    assert [row[0] for row in rows] == ["zero-shot", "ce", "gce", "mae", "dspt", "prograd", "nlprompt", "visprompt"]
+    assert [row[0] for row in rows] == ["zero-shot", "ce", "gce", "mae", "dspt", "prograd", "nlprompt", "visprompt", "anprompt"]
     assert abs(float(rows[0][1]) - 100 * zero_shot) <= 0.05
     for row in rows[1:]:
         mean, std = (float(number) for number in row[1].split(" ± "))
         assert abs(mean - 100 * clean[row[0]]) <= 0.05 and std == 0  # one seed
     header, *rows = markdown_table(text, "Memorisation")
-    assert header == ["method", "sym 50%", "pair 50%"] and len(rows) == 7
+    assert header == ["method", "sym 50%", "pair 50%"] and len(rows) == 8
     header, *rows = markdown_table(text, "UPL")
     assert header[:4] == ["method", "loss", "test accuracy (%)", "pseudo-label accuracy (%)"]
     assert [row[1] for row in rows] == noise.UPL_LOSSES
