@@ -603,6 +603,9 @@ def main(argv=None):
     args = parse_args(argv)
     dspt.reuse_freed_memory()
     try:
+        if args.classify or args.eval:  # the same as dspt.py's: a prompt does not depend on its method
+            dspt.check_args(args)
+            return dspt.classify(args) if args.classify else dspt.evaluate(args)
         return run(args)
     except dspt.UserError as e:
         print(f"baselines: error: {e}", file=sys.stderr)

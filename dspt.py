@@ -989,14 +989,18 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
     return index, position, causal_mask(length) & ((key == -1) | (key == query)), eot_index
 
 
-def load_prompt(path, clip, tokenizer):
-    """The PromptLearner a run saved in prompt.pt, on clip; read without running pickled code."""
+def load_prompt(path, clip, tokenizer, backbone=None):
+    """The PromptLearner a run saved in prompt.pt, on clip (of this backbone, if given: it must be
+    the prompt's); read without running pickled code."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         ctx, classnames = saved["ctx"], list(saved["classnames"])
     except Exception as e:
         raise UserError(f"cannot read the prompt {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         f"give a prompt.pt that dspt.py or baselines.py wrote") from None
+    if backbone is not None and saved.get("backbone") != backbone:
+        raise UserError(f"the prompt {path} was learned on the backbone {saved.get('backbone')}, not {backbone}; "
+                        f"pass --backbone {saved.get('backbone')}")
     if saved.get("trained"):
         raise UserError(f"the prompt {path} was learned with modules besides the context "
                         f"({', '.join(saved['trained'])}); only a context-only prompt can be used here")
@@ -1270,7 +1274,8 @@ def build_parser():
         help="image loading processes (default %(default)s)")
     add("--seed", type=int, default=1,
         help="seed of the few-shot sample, the label noise, the context and the order (default %(default)s)")
-    add("--out", metavar="DIR", help="output folder (default: runs/<data>-<backbone>-<loss>-<noise>-...); "
+    add("--out", metavar="DIR", help="output folder (default: runs/[<method>-]<data>-<backbone>-<loss>-<kind><noise>-"
+        "<shots>shot-seed<seed>); "
         "running the same command again continues an interrupted run there, or reports a finished one")
     add("--fresh", action="store_true", help="start the run in --out over, discarding its checkpoint and results")
     add("--eval", metavar="PROMPT", help="evaluate this prompt.pt on --data's test split instead of training; "
@@ -1353,8 +1358,9 @@ def load(args):
 
 def command(args):
     """The arguments that decide a run's results: a run in --out continues only with the same."""
-    return {k: v for k, v in vars(args).items() if k not in (
+    kept = {k: v for k, v in vars(args).items() if k not in (
         "out", "cache_dir", "bpe", "download", "fresh", "dtype", "eval", "classify", "prompt", "classnames")}
+    return {**kept, "data": str(Path(args.data).resolve())}
 
 
 def finished_or_resumable(args):
@@ -1375,10 +1381,11 @@ def finished_or_resumable(args):
         saved = load_checkpoint(checkpoint)
     else:
         return None
-    for key, value in command(args).items():
-        if saved.get("command", {}).get(key, "(not recorded)") != value:
+    ours, theirs = command(args), saved.get("command", {})
+    for key in {**ours, **theirs}:  # a key only one has (baselines.py's --method) differs too
+        if theirs.get(key, "(none)") != ours.get(key, "(none)"):
             raise UserError(f"{metrics if metrics.is_file() else checkpoint} is of a run with --{key.replace('_', '-')} "
-                            f"{saved.get('command', {}).get(key, '(not recorded)')}, not {value}; give another "
+                            f"{theirs.get(key, '(none)')}, not {ours.get(key, '(none)')}; give another "
                             f"--out, or pass --fresh to start over in {out}")
     return saved if metrics.is_file() else None
 
@@ -1466,7 +1473,7 @@ def run(args):
 def evaluate(args):
     """Test accuracy of the prompt --eval on --data's test split; written to --out/eval.json."""
     dataset, tokenizer, clip, preprocess = load(args)
-    learner = load_prompt(args.eval, clip, tokenizer)
+    learner = load_prompt(args.eval, clip, tokenizer, args.backbone)
     if learner.classnames != dataset.classnames:
         raise UserError(f"the prompt {args.eval} is for the class names {learner.classnames[:3]}..., "
                         f"{args.data} has {dataset.classnames[:3]}...; evaluate it on the dataset it was learned on")
@@ -1494,7 +1501,7 @@ def classify(args):
         images.append(preprocess(image))
     with torch.no_grad(), autocast(args):
         if args.prompt:
-            learner = load_prompt(args.prompt, clip, tokenizer)
+            learner = load_prompt(args.prompt, clip, tokenizer, args.backbone)
             classnames, text_features = learner.classnames, learner.text_features()
         else:
             classnames = [name.strip() for name in args.classnames.split(",")]

@@ -181,8 +181,8 @@ def report(runs, out):
                      if (d, method, setting) in table and table[(d, method, setting)][0]]
             present = sum((d, method, setting) in table for d in datasets)
             cell = "-" if not present else "missing" if not means else f"{100 * np.mean(means):.1f}"
-            if means and len(means) < present:
-                cell += f" ({len(means)} of {present} datasets)"
+            if means and len(means) < len(datasets):
+                cell += f" ({len(means)} of {len(datasets)} datasets)"
             row.append(cell)
         rows.append(f"| {method} | " + " | ".join(row) + " |")
     parts.append(f"## Mean over the {len(datasets)} datasets (of each dataset's mean over its seeds)\n\n"
@@ -282,6 +282,12 @@ def main(argv=None):
     """Run the sweep's pending runs and write the report; returns (runs, failed runs)."""
     args = parse_args(argv)
     runs = grid(args)
+    record = Path(args.out) / "sweep.json"  # a finished run counts only if made with these arguments
+    if record.is_file() and json.loads(record.read_text())["extra"] != args.extra:
+        raise dspt.UserError(f"{args.out} holds a sweep whose runs had the arguments "
+                             f"{json.loads(record.read_text())['extra']}, not {args.extra}; give another --out")
+    if not record.is_file() and not args.report:
+        dspt.atomic_write(record, lambda f: f.write(json.dumps({"extra": args.extra}).encode()))
     pending = [run for run in runs if run.status() != "finished"]
     if args.print_commands:
         for run in pending:

@@ -119,6 +119,20 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, image_folder, tiny_chec
                                "--out", str(tmp_path / "out")], "checkpoint", "damaged", "--fresh")
 
 
+def test_a_baselines_run_in_the_same_folder_is_refused_by_name(tmp_path, image_folder, tiny_checkpoint, capsys):
+    import baselines
+    run_main(tmp_path, image_folder, *RUN, backbone=tiny_checkpoint)
+    argv = ["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--epochs", "4", "--shots", "4",
+            "--batch-size", "4", "--workers", "0", "--n-ctx", "4", "--noise", "0.5", "--method", "nlprompt",
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        baselines.main(argv)
+    assert "--method (none), not nlprompt" in capsys.readouterr().err
+    result = baselines.main(["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
+                             "--eval", str(tmp_path / "out" / "prompt.pt")])
+    assert result["test_accuracy"] == json.loads((tmp_path / "out" / "metrics.json").read_text())["test_accuracy"]
+
+
 def test_evaluating_a_saved_prompt_reproduces_the_run(tmp_path, image_folder, tiny_checkpoint, capsys):
     metrics = run_main(tmp_path, image_folder, *RUN, backbone=tiny_checkpoint)
     capsys.readouterr()
@@ -133,10 +147,13 @@ def test_evaluating_a_saved_prompt_reproduces_the_run(tmp_path, image_folder, ti
 
 def test_evaluation_refuses_a_prompt_for_other_classes(tmp_path, image_folder, tiny_checkpoint, capsys):
     prompt = tmp_path / "prompt.pt"
-    torch.save({"ctx": torch.zeros(4, 64), "classnames": ["cat", "dog", "emu"], "backbone": "x"}, prompt)
-    expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
-                               "--eval", str(prompt), "--out", str(tmp_path / "eval")],
-                      "class names", "cat", "blue circle")
+    torch.save({"ctx": torch.zeros(4, 64), "classnames": ["cat", "dog", "emu"], "backbone": str(tiny_checkpoint)},
+               prompt)
+    argv = ["--data", str(image_folder), "--workers", "0", "--eval", str(prompt), "--out", str(tmp_path / "eval")]
+    expect_user_error(capsys, [*argv, "--backbone", str(tiny_checkpoint)], "class names", "cat", "blue circle")
+    torch.save({"ctx": torch.zeros(4, 64), "classnames": ["cat", "dog", "emu"], "backbone": "ViT-B/16"}, prompt)
+    expect_user_error(capsys, [*argv, "--backbone", str(tiny_checkpoint)], "learned on the backbone ViT-B/16",
+                      "--backbone ViT-B/16")
     assert not (tmp_path / "eval").exists()
 
 

@@ -148,3 +148,10 @@ def test_runs_are_spread_over_the_gpus_one_at_a_time(tmp_path):
     for gpu in ("0", "1"):
         spans = sorted((r["start"], r["end"]) for r in records if r["gpu"] == gpu)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+def test_a_sweep_with_other_run_arguments_in_the_same_folder_is_refused(finished_sweep, checkpoint):
+    root, data, runs, _ = finished_sweep
+    argv = grid(data, root / "out", checkpoint)
+    with pytest.raises(sweep.dspt.UserError, match="holds a sweep whose runs had the arguments"):
+        sweep.main([*argv, "--lr", "0.5"])

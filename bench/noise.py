@@ -33,7 +33,8 @@ The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, d
 of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and its
 published initialisation ("a photo of a" after 12 zero vectors), trained 50 epochs under DSPT's
 protocol where the paper trains 200; and NLPrompt (optimal transport splits the samples; CE on the
-clean, MAE on the rest). UPL's pseudo-labelling has no labels, hence no noise axis: zero-shot CLIP
+clean, MAE on the rest); VisPrompt and ANPrompt as baselines.py reconstructs them (ANPrompt with
+cross-entropy). UPL's pseudo-labelling has no labels, hence no noise axis: zero-shot CLIP
 pseudo-labels the whole pool of 500 training images, the 16 most confident per predicted class are
 kept, and the prompt is tuned on them with the dspt loss and with ce; it gets its own table.
 
