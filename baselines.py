@@ -549,9 +549,7 @@ def run(args):
         print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
               f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
 
-    test_features, kept, unreadable_test = dspt.encode_images(clip, test_items, preprocess, args,
-                                                              "encoding test images")
-    test_labels = torch.tensor([test_items[i][1] for i in kept.tolist()], device=args.device)
+    test_features, test_labels, unreadable_test = dspt.encode_test_set(clip, dataset, preprocess, args)
     zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
 
@@ -577,9 +575,8 @@ def run(args):
         if args.method == "visprompt":  # each test image with its own prompts
             logits = torch.cat([method.logits(chunk) for chunk in test_features.split(256)])
         elif args.method == "anprompt":  # each test image through the prompted encoder again
-            logits, kept_again, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
+            logits, _, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
                                                        lambda images: method.logits(method.encode_frozen(images)))
-            assert torch.equal(kept_again, kept)
         else:
             logits = clip.logits(test_features, learner.text_features())
         final = dspt.accuracy(logits, test_labels)
@@ -589,7 +586,7 @@ def run(args):
         "method": args.method,
         "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
         "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
-        "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
+        "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
         "unreadable_images": unreadable + unreadable_test,
         "noise_rate": noisy.float().mean().item(), **extra,
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,

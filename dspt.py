@@ -1128,6 +1128,7 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
     augmentations) is saved there, and a run that finds one there continues after its epoch.
     """
     clip = learner.clip
+    encode = image_encoder or clip.encode_image
 
     def plain_loss(image_features, target, index, epoch):
         logits = clip.logits(image_features, learner.text_features())
@@ -1141,7 +1142,7 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
     batch_size = min(args.batch_size, len(items))
     if args.no_augment:
         features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution),
-                                          args, "encoding training images", image_encoder)
+                                          args, "encoding training images", encode)
         steps = len(kept) // batch_size
 
         def batches():  # (image features, indices into items), dropping the last partial batch
@@ -1157,7 +1158,7 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
         def batches():
             for images, _, index, _ in loader:
                 with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
-                    image_features = (image_encoder or clip.encode_image)(images.to(args.device, args.dtype))
+                    image_features = encode(images.to(args.device, args.dtype))
                 yield image_features, index
 
     history = []
@@ -1309,16 +1310,15 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.n_ctx is None and not args.ctx_init:
         args.n_ctx = 16  # CoOp's; with --ctx-init, the number of its tokens
-    try:
-        args.template.format("")  # fails on other braces
-        one_slot = args.template.count("{}") == 1
-    except (IndexError, KeyError, ValueError):
-        one_slot = False
-    except AttributeError:  # None: the dataset's own
-        one_slot = True
-    if not one_slot:
-        raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, "
-                        f"and no other braces; e.g. \"a photo of a {{}}.\"")
+    if args.template is not None:  # else the dataset's own
+        try:
+            args.template.format("")  # fails on other braces
+            one_slot = args.template.count("{}") == 1
+        except (IndexError, KeyError, ValueError):
+            one_slot = False
+        if not one_slot:
+            raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, "
+                            f"and no other braces; e.g. \"a photo of a {{}}.\"")
     if args.download:
         known = {name.lower(): name for name in DATASETS}
         if args.download.lower() not in known:
@@ -1346,14 +1346,17 @@ def check_args(args):
                     f"-{args.shots}shot-seed{args.seed}")
 
 
+def load_model(args):
+    """(tokenizer, clip in --precision, preprocess) for checked args."""
+    tokenizer = load_tokenizer(args.bpe, args.cache_dir)
+    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
+    return tokenizer, convert_weights(clip, args.dtype), preprocess
+
+
 def load(args):
     """(dataset, tokenizer, clip, preprocess) for checked args."""
     torch.manual_seed(args.seed)
-    dataset = load_dataset(args.data, args.download)
-    tokenizer = load_tokenizer(args.bpe, args.cache_dir)
-    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
-    convert_weights(clip, args.dtype)
-    return dataset, tokenizer, clip, preprocess
+    return load_dataset(args.data, args.download), *load_model(args)
 
 
 def command(args):
@@ -1429,6 +1432,12 @@ def save_outputs(args, learner, dataset, items, given, metrics):
     print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
 
 
+def encode_test_set(clip, dataset, preprocess, args):
+    """(features, labels, n_unreadable) of the readable test images, each encoded once."""
+    features, kept, unreadable = encode_images(clip, dataset.test, preprocess, args, "encoding test images")
+    return features, torch.tensor([dataset.test[i][1] for i in kept.tolist()], device=args.device), unreadable
+
+
 def run(args):
     check_args(args)
     finished = finished_or_resumable(args)
@@ -1437,14 +1446,13 @@ def run(args):
               f"pass --fresh to run it again")
         return finished
     dataset, tokenizer, clip, preprocess = load(args)
-    classnames, test_items = dataset.classnames, dataset.test
+    classnames = dataset.classnames
     train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
     print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
-          f"with wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
+          f"with wrong labels), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
 
     # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
-    test_features, kept, unreadable_test = encode_images(clip, test_items, preprocess, args, "encoding test images")
-    test_labels = torch.tensor([test_items[i][1] for i in kept.tolist()], device=args.device)
+    test_features, test_labels, unreadable_test = encode_test_set(clip, dataset, preprocess, args)
     with torch.no_grad(), autocast(args):
         template_features = clip.encode_text(tokenizer.tokenize(
             [(args.template or dataset.template).format(name) for name in classnames]).to(args.device))
@@ -1461,7 +1469,7 @@ def run(args):
     metrics = {
         "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
         "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
-        "classnames": classnames, "train_images": len(train_items), "test_images": len(kept),
+        "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
         "unreadable_images": unreadable + unreadable_test,
         "noise_rate": noisy.float().mean().item(),
         "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
@@ -1477,22 +1485,19 @@ def evaluate(args):
     if learner.classnames != dataset.classnames:
         raise UserError(f"the prompt {args.eval} is for the class names {learner.classnames[:3]}..., "
                         f"{args.data} has {dataset.classnames[:3]}...; evaluate it on the dataset it was learned on")
-    features, kept, unreadable = encode_images(clip, dataset.test, preprocess, args, "encoding test images")
-    labels = torch.tensor([dataset.test[i][1] for i in kept.tolist()], device=args.device)
+    features, labels, unreadable = encode_test_set(clip, dataset, preprocess, args)
     with torch.no_grad(), autocast(args):
         result = {"prompt": str(args.eval), "data": args.data, "dataset": dataset.name, "split": dataset.split,
-                  "test_images": len(kept), "unreadable_images": unreadable,
+                  "test_images": len(labels), "unreadable_images": unreadable,
                   "test_accuracy": accuracy(clip.logits(features, learner.text_features()), labels)}
     atomic_write(Path(args.out) / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"test accuracy {result['test_accuracy']:.2%} on {len(kept)} images; wrote {Path(args.out) / 'eval.json'}")
+    print(f"test accuracy {result['test_accuracy']:.2%} on {len(labels)} images; wrote {Path(args.out) / 'eval.json'}")
     return result
 
 
 def classify(args):
     """Print each --classify image's top-5 classes, by the --prompt or zero-shot; returns the probabilities."""
-    tokenizer = load_tokenizer(args.bpe, args.cache_dir)
-    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
-    convert_weights(clip, args.dtype)
+    tokenizer, clip, preprocess = load_model(args)
     images = []
     for path in args.classify:
         image = read_image(path)

@@ -167,7 +167,7 @@ def report(runs, out):
              f"{sum(run.status() == 'failed' for run in runs)} failed, "
              f"{sum(run.status() == 'missing' for run in runs)} missing.\n"]
     for dataset in datasets:
-        rows = [f"| zero-shot | " + " | ".join(
+        rows = ["| zero-shot | " + " | ".join(
             [f"{100 * zero_shot[dataset]:.1f}" if dataset in zero_shot else "missing"] * len(settings)) + " |"]
         for method in methods:
             row = [format_cell(*table[(dataset, method, s)]) if (dataset, method, s) in table else "-" for s in settings]

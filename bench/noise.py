@@ -406,8 +406,10 @@ def tune_and_evaluate(method, clip, tokenizer, classnames, items, labels, noisy,
             logits = torch.cat([cell["method"].logits(chunk) for chunk in test["features"].split(256)])
         elif isinstance(cell.get("method"), baselines.ANPrompt):  # through the prompted image encoder
             method = cell["method"]
-            logits, _, _ = dspt.encode_images(clip, test["items"], task["preprocess"], args, "encoding test images",
-                                              lambda images: method.logits(method.encode_frozen(images)))
+            if "frozen" not in test:  # the encoder's frozen part, the same in every cell: encoded once
+                test["frozen"] = dspt.encode_images(clip, test["items"], task["preprocess"], args,
+                                                    "encoding test images", method.encode_frozen)[0]
+            logits = torch.cat([method.logits(chunk) for chunk in test["frozen"].split(256)])
         else:
             logits = clip.logits(test["features"], text_features)
         accuracy = dspt.accuracy(logits, test["labels"])
