@@ -20,8 +20,8 @@ background tints that it has in half of its images.
 Pretraining. dspt.CLIP in miniature: a ModifiedResNet (RN50's design, one bottleneck per stage,
 width 16), a 2-layer text transformer of width 128, 256-dimensional embeddings; trained
 contrastively on freshly drawn batches with the logit scale raised from CLIP's initial 1/0.07 to
-CLIP's 100 over the first half of the steps and then held there (a schedule: this small model
-would not learn a scale of 100 by itself). Seeded, and cached in --cache.
+CLIP's 100 over the first half of the steps and then held there (a schedule, not a learnt
+parameter). Seeded, and cached in --cache.
 
 Two downstream tasks, PNG files in class folders (50 training images per class, the few-shot
 pool, and 50 or 100 test images per class):
@@ -588,8 +588,9 @@ def run_job(job):
         if kind == "upl":
             return run_upl(task, clip, seed, args, log)
         items, labels, noisy, _ = dspt.noisy_few_shot(task["train"], len(task["classnames"]), args)
-        runs.append({"task": name, "kind": kind, "rate": rate, "seed": seed, "method": "free class vectors",
-                     **free_class_vectors(task, clip, items, labels, noisy, args, log)})
+        if kind != "timing":
+            runs.append({"task": name, "kind": kind, "rate": rate, "seed": seed, "method": "free class vectors",
+                         **free_class_vectors(task, clip, items, labels, noisy, args, log)})
         for method in METHODS:
             if ((name, method) in NOT_RUN) != (kind == "timing"):
                 continue
@@ -640,8 +641,8 @@ def run_grid(mode, tasks, clip, cache, seeds, jobs, threads):
                for kind in ("upl", "timing")}
     runs = [run for (_, _, kind, _), result in zip(work, results) if kind not in by_kind for run in result]
     bounds = [run for run in runs if run["method"] == "free class vectors"]
-    return [run for run in runs if run not in bounds], by_kind["upl"], bounds, \
-        [run for run in by_kind["timing"] if run["method"] != "free class vectors"]
+    return ([run for run in runs if run["method"] != "free class vectors"], by_kind["upl"], bounds,
+            by_kind["timing"])
 
 
 # -----------------------------------------------------------------------------
