@@ -36,10 +36,11 @@ dspt.inject_label_noise (none; symmetric or pair at 25, 50, 75%), the prompt lea
 vectors from N(0, 0.02), SGD at lr 0.002, batch 32: dspt.py's defaults, except that there is no
 augmentation (--no-augment), because CoOp's random resized crop (scale 0.08-1) would often cut the
 object out of a 32-pixel image, and that the runs are 25 epochs (dspt.py's 50 halved, to fit the
-grid in about half an hour on two cores; the test accuracy curves are flat from about epoch 20). Five seeds; the mean, sample std and 95% t-interval
-of each cell. At 50% symmetric noise the losses also record the clean test accuracy after every
-epoch (the memorisation curves). Beside the methods, "free class vectors" (free_class_vectors)
-measures what any classifier of CoOp's form could fit on the frozen image features.
+grid in about half an hour on two cores; the test accuracy curves are flat from about epoch 20).
+Five seeds; the mean, sample std and 95% t-interval of each cell. At 50% symmetric noise the
+losses also record the clean test accuracy after every epoch (the memorisation curves). Beside
+the methods, "free class vectors" (free_class_vectors) measures what any classifier of CoOp's
+form could fit on the frozen image features.
 
 The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, dspt), and the peers
 of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and its
