@@ -105,6 +105,12 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
         if has_curve:
             assert len(run["curve"]["test_accuracy"]) == len(run["curve"]["memorisation"]) == noise.EPOCHS["quick"]
             assert run["curve"]["test_accuracy"][-1] == pytest.approx(run["test_accuracy"], abs=1e-6)
+    # free class vectors, the bound of CoOp's classifier: one per task and noise setting, and
+    # trained on the features they fit most clean labels (they start from zero-shot's 30-40% here)
+    bounds = {(run["task"], run["kind"]) for run in report["bounds"]}
+    assert bounds == {(t, kind) for t in noise.TASKS for kind, _ in noise.NOISE["quick"]}
+    for run in report["bounds"]:
+        assert run["clean_fit"] > 0.6 and (run["memorisation"] is None) == (run["kind"] == "clean")
     upl = report["upl_runs"]  # no noise axis: the whole pool pseudo-labelled, --shots kept per predicted class
     assert [(run["task"], run["loss"]) for run in upl] == [(t, loss) for t in noise.TASKS for loss in noise.UPL_LOSSES]
     for run in upl:
