@@ -422,10 +422,7 @@ def tune_with_transport(method_class):
     """NLPrompt (CE on the samples optimal transport calls clean, MAE on the rest) or VisPrompt
     (the same split on image-conditioned prompts, GCE on the rest); no choice of loss."""
     def tune(learner, items, labels, noisy, args, task):
-        with torch.random.fork_rng(devices=[]):  # as baselines.run: leave the global RNG alone
-            features, kept, _ = dspt.encode_images(learner.clip, items, task["preprocess"], args,
-                                                   "encoding training images for optimal transport")
-        method = method_class(learner, features, kept, labels, noisy)
+        method = method_class(learner, *task["train_features"], labels, noisy)
         task["method"] = method  # for the evaluation: VisPrompt's logits are its own
         return dspt.train(learner, items, labels, noisy, method.loss, args, method.step_loss,
                           epoch_record=method.epoch_record)
@@ -497,13 +494,12 @@ def tune_and_evaluate(method, clip, task, items, labels, noisy, args, log, ctx_i
             "seconds": time.time() - start, "epoch_seconds": float(np.mean([r["seconds"] for r in history])), **extra}
 
 
-def free_class_vectors(task, clip, items, labels, noisy, args, log, steps=1000):
+def free_class_vectors(task, clip, labels, noisy, steps=1000):
     """What a classifier of CoOp's form could fit at best: one free unit vector per class in
     place of the prompts' text features (started from zero-shot's), trained with cross-entropy at
     CLIP's logit scale on the training images' features by full-batch Adam. Its last-step fit of
     the correctly labelled samples, memorisation of the wrongly labelled ones, and test accuracy."""
-    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        features, kept, _ = dspt.encode_images(clip, items, task["preprocess"], args, "encoding training images")
+    features, kept = task["train_features"]
     labels, noisy = labels[kept], noisy[kept]
     vectors = task["template"].clone().requires_grad_(True)
     optimizer = torch.optim.Adam([vectors], lr=0.003)
@@ -589,9 +585,12 @@ def run_job(job):
         if kind == "upl":
             return run_upl(task, clip, seed, args, log)
         items, labels, noisy, _ = dspt.noisy_few_shot(task["train"], len(task["classnames"]), args)
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            features, kept, _ = dspt.encode_images(clip, items, task["preprocess"], args, "encoding training images")
+        task = {**task, "train_features": (features, kept)}  # for the transport split and the bound, encoded once
         if kind != "timing":
             runs.append({"task": name, "kind": kind, "rate": rate, "seed": seed, "method": "free class vectors",
-                         **free_class_vectors(task, clip, items, labels, noisy, args, log)})
+                         **free_class_vectors(task, clip, labels, noisy)})
         for method in METHODS:
             if ((name, method) in NOT_RUN) != (kind == "timing"):
                 continue
@@ -638,12 +637,13 @@ def run_grid(mode, tasks, clip, cache, seeds, jobs, threads):
     else:  # forked workers inherit GRID; the slowest jobs (the many-class task's) go first
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             results = list(pool.map(run_job, work))
-    by_kind = {kind: [run for (_, _, k, _), result in zip(work, results) if k == kind for run in result]
-               for kind in ("upl", "timing")}
-    runs = [run for (_, _, kind, _), result in zip(work, results) if kind not in by_kind for run in result]
-    bounds = [run for run in runs if run["method"] == "free class vectors"]
-    return ([run for run in runs if run["method"] != "free class vectors"], by_kind["upl"], bounds,
-            by_kind["timing"])
+    runs = [run for result in results for run in result]
+
+    def role(run):
+        if run["method"] in ("upl", "free class vectors"):
+            return run["method"]
+        return "timing" if run["kind"] == "timing" else "tuned"
+    return tuple([run for run in runs if role(run) == r] for r in ("tuned", "upl", "free class vectors", "timing"))
 
 
 # -----------------------------------------------------------------------------
