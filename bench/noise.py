@@ -93,6 +93,7 @@ COLOURS = {"red": (215, 35, 35), "orange": (240, 135, 20), "yellow": (235, 215, 
            "blue": (35, 75, 215), "purple": (135, 45, 185), "pink": (240, 125, 185), "white": (240, 240, 240)}
 COLOUR_RGB = np.array(list(COLOURS.values()), dtype=np.float32)
 TEXTURES = ["plain", "striped", "spotted"]
+CLUTTER = 4  # specks scattered over every background
 SIZES = {"small": (5, 6.5), "medium": (7.5, 9), "large": (10, 12.5)}  # radius in pixels
 BACKGROUNDS = ["plain", "striped", "checkered", "speckled"]  # speckled: the far task only
 TINTS = {"black": (25, 25, 25), "grey": (128, 128, 128), "brown": (115, 75, 40), "beige": (220, 205, 165),
@@ -210,6 +211,10 @@ def render(attributes, rng):
     X, Y = grid[None, None, :], grid[None, :, None]  # pixel coordinates, broadcast to [n, R, R]
     column = {key: value[:, None, None].astype(np.float32) for key, value in attributes.items()}
     images = draw_backgrounds(attributes["background"], attributes["tint"], X, Y, rng)
+    for _ in range(CLUTTER):  # small specks of any colour: detail that no caption names
+        x, y, r = (rng.uniform(*bounds, (n, 1, 1)) for bounds in ((0, RES), (0, RES), (0.6, 1.4)))
+        speck = (np.hypot(X - x, Y - y) < r)[..., None]
+        images = np.where(speck, COLOUR_RGB[rng.integers(0, len(COLOURS), n)][:, None, None, :], images)
     dx, dy = (X - column["x"]) / column["radius"], (Y - column["y"]) / column["radius"]
     cos, sin = np.cos(column["angle"]), np.sin(column["angle"])
     u, v = cos * dx + sin * dy, cos * dy - sin * dx  # rotated into the object's frame
@@ -268,8 +273,10 @@ def to_tensor(images):
 MODEL = dict(embed_dim=256, image_resolution=RES, vision_layers=(1, 1, 1, 1), vision_width=16,
              vision_patch_size=None, context_length=77, vocab_size=49408,
              transformer_width=128, transformer_heads=2, transformer_layers=2)
-PRETRAINING = {"full": dict(steps=3000, batch_size=128, lr=1e-3, warmup=100, scale_ramp=0.5, seed=0),
-               "quick": dict(steps=300, batch_size=128, lr=1e-3, warmup=100, scale_ramp=0.5, seed=0)}
+PRETRAINING = {"full": dict(steps=3000, batch_size=128, lr=1e-3, warmup=100, scale_ramp=0.5, seed=0,
+                            instance_weight=1.0, instance_scale=10.0),
+               "quick": dict(steps=300, batch_size=128, lr=1e-3, warmup=100, scale_ramp=0.5, seed=0,
+                             instance_weight=1.0, instance_scale=10.0)}
 
 
 def initialise(clip):
@@ -283,8 +290,17 @@ def initialise(clip):
         nn_init.normal_(block.mlp.c_proj.weight, std=(2 * layers * width) ** -0.5)
 
 
+def contrastive(logits):
+    """CLIP's symmetric loss on a batch's [n, n] similarities, whose diagonal pairs belong together."""
+    targets = torch.arange(len(logits))
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 def pretrain(settings, tokenizer):
-    """A CLIP trained with the symmetric contrastive loss on fresh batches; (model, stats)."""
+    """A CLIP trained on fresh batches with the symmetric contrastive loss between images and
+    captions, plus instance_weight times the same loss between the images and themselves at scale
+    instance_scale: captions here repeat, where CLIP's web captions are nearly all different, and
+    this term keeps the images of one caption apart as theirs are. (model, stats)"""
     torch.manual_seed(settings["seed"])
     rng = np.random.default_rng(settings["seed"])
     clip = dspt.CLIP(**MODEL)
@@ -308,9 +324,9 @@ def pretrain(settings, tokenizer):
         tokens = tokenizer.tokenize([caption(attributes, i, rng) for i in range(len(images))])
         image_features = F.normalize(clip.encode_image(images), dim=-1)
         text_features = F.normalize(clip.encode_text(tokens), dim=-1)
-        logits = clip.logit_scale.exp() * image_features @ text_features.T  # [images, captions]
-        targets = torch.arange(len(logits))
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        loss = contrastive(clip.logit_scale.exp() * image_features @ text_features.T)
+        similarity = settings["instance_scale"] * image_features @ image_features.T
+        loss = loss + settings["instance_weight"] * contrastive(similarity)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -329,7 +345,7 @@ def fingerprint(*parts):
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-WORLD = (RES, SUPERSAMPLE, SHAPES, COLOURS, TEXTURES, SIZES, BACKGROUNDS, TINTS, USUAL_TINTS, USUAL_TINT_CHANCE,
+WORLD = (RES, SUPERSAMPLE, SHAPES, COLOURS, TEXTURES, CLUTTER, SIZES, BACKGROUNDS, TINTS, USUAL_TINTS, USUAL_TINT_CHANCE,
          tints, HELD_OUT, NEAR_CLASSES,
          shape_mask, sample_attributes, draw_backgrounds, render)
 
@@ -337,7 +353,7 @@ WORLD = (RES, SUPERSAMPLE, SHAPES, COLOURS, TEXTURES, SIZES, BACKGROUNDS, TINTS,
 def pretrained_clip(mode, tokenizer, cache):
     """(checkpoint path, pretraining stats), pretraining first unless the cache has it."""
     settings = PRETRAINING[mode]
-    digest = fingerprint(*WORLD, caption, CAPTION, background, MODEL, settings, initialise, pretrain)
+    digest = fingerprint(*WORLD, caption, CAPTION, background, MODEL, settings, initialise, contrastive, pretrain)
     path = Path(cache) / f"clip-{mode}-{digest}.pt"
     stats_path = path.with_suffix(".json")
     if path.is_file() and stats_path.is_file():
@@ -352,7 +368,7 @@ def pretrained_clip(mode, tokenizer, cache):
 # The downstream task: PNG files in dspt.py's train/ and test/ class-folder layout.
 
 TASKS = {"near": dict(train_per_class=50, test_per_class=50, seed=2024, unusual_tint=True),
-         "far": dict(train_per_class=50, test_per_class=100, seed=2025, unusual_colour=1.0)}
+         "far": dict(train_per_class=50, test_per_class=100, seed=2025, unusual_colour=1.0, turn=0.8)}
 
 
 def downstream_task(cache, task):
@@ -371,6 +387,8 @@ def downstream_task(cache, task):
         if settings.get("unusual_tint"):  # on a tint other than its shape's USUAL_TINTS
             others = np.array([[t for t in range(len(TINTS)) if t not in USUAL_TINTS[s]] for s in range(len(SHAPES))])
             attributes["tint"] = others[attributes["shape"], rng.integers(0, others.shape[1], len(label))]
+        if settings.get("turn"):  # turned up to this many radians either way, where pretraining turns 0.3 at most
+            attributes["angle"] = rng.uniform(-settings["turn"], settings["turn"], len(label))
         for i, image in enumerate(render(attributes, rng)):
             path = partial / split / names[attributes["label"][i]].replace(" ", "_") / f"{i:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,7 +417,7 @@ NOISE = {"full": [("clean", 0.0)] + [(kind, rate) for kind in ("sym", "pair") fo
          "quick": [("clean", 0.0), ("sym", 0.5)]}
 SEEDS = {"full": [1, 2, 3, 4, 5], "quick": [1]}
 LOSS_METHODS = ["ce", "gce", "mae", "dspt"]
-CURVES = ("sym", 0.5)  # the setting whose per-epoch curves are recorded, for the LOSS_METHODS
+CURVES = [("sym", 0.5), ("pair", 0.5)]  # the settings whose per-epoch curves are recorded, for the LOSS_METHODS
 
 
 def tune_with_loss(loss):
@@ -494,7 +512,7 @@ def tune_and_evaluate(method, clip, task, items, labels, noisy, args, log, ctx_i
             "seconds": time.time() - start, "epoch_seconds": float(np.mean([r["seconds"] for r in history])), **extra}
 
 
-def free_class_vectors(task, clip, labels, noisy, steps=1000):
+def free_class_vectors(task, clip, labels, noisy, steps=2000, lr=0.03):
     """What a classifier of CoOp's form could fit at best: one free unit vector per class in
     place of the prompts' text features (started from zero-shot's), trained with cross-entropy at
     CLIP's logit scale on the training images' features by full-batch Adam. Its last-step fit of
@@ -502,7 +520,7 @@ def free_class_vectors(task, clip, labels, noisy, steps=1000):
     features, kept = task["train_features"]
     labels, noisy = labels[kept], noisy[kept]
     vectors = task["template"].clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([vectors], lr=0.003)
+    optimizer = torch.optim.Adam([vectors], lr=lr)
     for _ in range(steps):
         logits = clip.logits(features, vectors)
         loss = F.cross_entropy(logits, labels)
@@ -594,7 +612,7 @@ def run_job(job):
         for method in METHODS:
             if ((name, method) in NOT_RUN) != (kind == "timing"):
                 continue
-            curve = method in LOSS_METHODS and (kind, rate) == CURVES
+            curve = method in LOSS_METHODS and (kind, rate) in CURVES
             run = {"task": name, "method": method, "kind": kind, "rate": rate, "seed": seed,
                    **tune_and_evaluate(METHODS[method], clip, task, items, labels, noisy, args, log,
                                        CONTEXT_INIT.get(method, ""), curve)}
@@ -720,17 +738,28 @@ def transport_table(runs, task, settings, method):
     return "\n".join(lines)
 
 
-def curve_table(runs, task, epochs, every=10):
-    """The CURVES runs of the losses, mean over the seeds: clean test accuracy and the
-    training accuracy of the mislabelled samples against their wrong labels, by epoch."""
+def curves_of(runs, task, method, kind, rate):
+    return [run["curve"] for run in runs if run["task"] == task and run["method"] == method
+            and (run["kind"], run["rate"]) == (kind, rate) and "curve" in run]
+
+
+def curve_table(runs, task, kind, rate, epochs, every=5):
+    """The losses' runs at (kind, rate), one of CURVES, mean over the seeds: clean test accuracy
+    and the training accuracy of the mislabelled samples against their wrong labels, by epoch."""
     shown = sorted({1, *range(every, epochs + 1, every), epochs})
     lines = ["| loss | " + " | ".join(f"epoch {e}" for e in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for method in LOSS_METHODS:
-        curves = [run["curve"] for run in runs if run["task"] == task and run["method"] == method and "curve" in run]
+        curves = curves_of(runs, task, method, kind, rate)
         test = 100 * np.mean([c["test_accuracy"] for c in curves], axis=0)
         memorised = 100 * np.mean([c["memorisation"] for c in curves], axis=0)
         lines.append(f"| {method} | " + " | ".join(f"{test[e - 1]:.1f} / {memorised[e - 1]:.1f}" for e in shown) + " |")
     return "\n".join(lines)
+
+
+def curve_sections(runs, task, settings, epochs):
+    return "".join(f"### {task}: per-epoch curves at {column_name(*setting)}, mean over the seeds: clean test "
+                   "accuracy / training accuracy of the mislabelled samples against their wrong labels (%)\n\n"
+                   f"{curve_table(runs, task, *setting, epochs)}\n\n" for setting in CURVES if setting in settings)
 
 
 def upl_table(upl_runs, task):
@@ -823,8 +852,8 @@ in bold, in each column, the best mean and every method whose interval overlaps 
 ### {name}: the most a classifier of CoOp's form could fit on these image features
 
 One free unit vector per class in place of the prompts' text features, trained to convergence with \
-cross-entropy at logit scale 100 on the same training samples (full-batch Adam, {1000} steps, started from \
-zero-shot's text features); mean ± std over the seeds.
+cross-entropy at logit scale 100 on the same training samples (full-batch Adam, learning rate 0.03, 2000 \
+steps, started from zero-shot's text features); mean ± std over the seeds.
 
 {bound_table(report["bounds"], name)}
 
@@ -840,10 +869,7 @@ zero-shot's text features); mean ± std over the seeds.
 
 {table(runs, name, settings, "text_similarity", scale=1, digits=2, zero_shot=task["zero_shot"])}
 
-### {name}: per-epoch curves at {column_name(*CURVES)}, mean over the seeds: clean test accuracy / \
-training accuracy of the mislabelled samples against their wrong labels (%)
-
-{curve_table(runs, name, EPOCHS[mode])}
+{curve_sections(runs, name, settings, EPOCHS[mode])}
 
 ### {name}: NLPrompt's transport split at the last epoch: the wrongly labelled samples it flags (recall, %), \
 the flagged samples whose labels are wrong (precision, %), the fraction of all samples it calls clean
@@ -926,23 +952,22 @@ def plot(report, runs, path):
 
 
 def plot_curves(report, runs, path):
-    """The losses' per-epoch curves at CURVES: a row per task; clean test accuracy, and the
+    """The losses' per-epoch curves at CURVES: a row per task and setting; clean test accuracy, and the
     training accuracy of the mislabelled samples against their wrong labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = list(report["tasks"])
-    figure, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.6 * len(tasks)), squeeze=False)
-    for (left, right), task in zip(axes, tasks):
+    rows = [(task, setting) for task in report["tasks"] for setting in CURVES if setting in NOISE[report["mode"]]]
+    figure, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
+    for (left, right), (task, setting) in zip(axes, rows):
         for method in LOSS_METHODS:
-            curves = [run["curve"] for run in runs
-                      if run["task"] == task and run["method"] == method and "curve" in run]
+            curves = curves_of(runs, task, method, *setting)
             epochs = np.arange(1, len(curves[0]["test_accuracy"]) + 1)
             left.plot(epochs, 100 * np.mean([c["test_accuracy"] for c in curves], axis=0), label=method)
             right.plot(epochs, 100 * np.mean([c["memorisation"] for c in curves], axis=0), label=method)
         left.axhline(100 * report["tasks"][task]["zero_shot"]["test_accuracy"], color="grey", linestyle="--",
                      label="zero-shot")
-        left.set(title=f"{task} task, {column_name(*CURVES)}: clean test accuracy", xlabel="epoch", ylabel="%")
+        left.set(title=f"{task} task, {column_name(*setting)}: clean test accuracy", xlabel="epoch", ylabel="%")
         right.set(title=f"{task}: mislabelled samples fitted to their wrong labels", xlabel="epoch", ylabel="%")
         right.set_ylim(0, 100)
         for ax in (left, right):
