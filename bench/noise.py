@@ -9,11 +9,11 @@ label noise, prompt learner, losses, training loop, evaluation).
 
 The world. 32x32 RGB images of one object: a shape (ten, from circle to heart), a colour (eight),
 a size (small, medium, large), a fill (plain, striped or spotted), a position, and a background
-with a tint (eight, named apart from the colours: "navy", "olive", ...) and a pattern (plain,
-striped, checkered). Each image has a caption in words, like web alt-text: it names the shape
-nine times in ten and each other attribute often, in varied phrasings ("a photo of a small red
-star on a navy striped background.", "clip art of a large spotted ring in the top left",
-"heart, blue, small"). The real BPE tokenizes the captions. Two correlations of web data are
+with a tint (eight, named apart from the colours: "navy", "olive", ...), a pattern (plain,
+striped, checkered) and four small specks of any colour, which no caption names. Each image has
+a caption in words, like web alt-text: it names the shape nine times in ten and each other
+attribute often, in varied phrasings ("a photo of a small red star on a navy striped
+background.", "clip art of a large spotted ring in the top left", "heart, blue, small"). The real BPE tokenizes the captions. Two correlations of web data are
 built in: each shape has six of the eight colours (never the two of HELD_OUT), and two usual
 background tints that it has in half of its images.
 
@@ -21,7 +21,9 @@ Pretraining. dspt.CLIP in miniature: a ModifiedResNet (RN50's design, one bottle
 width 16), a 2-layer text transformer of width 128, 256-dimensional embeddings; trained
 contrastively on freshly drawn batches with the logit scale raised from CLIP's initial 1/0.07 to
 CLIP's 100 over the first half of the steps and then held there (a schedule, not a learnt
-parameter). Seeded, and cached in --cache.
+parameter). Captions here repeat, where CLIP's are nearly all different, so a second term of the
+same loss between the batch's images and themselves keeps apart the images that one caption
+describes, as CLIP's are kept apart. Seeded, and cached in --cache.
 
 Two downstream tasks, PNG files in class folders (50 training images per class, the few-shot
 pool, and 50 or 100 test images per class):
@@ -29,7 +31,8 @@ pool, and 50 or 100 test images per class):
   drawn as in pretraining except that every tint is equally likely with every shape. Zero-shot
   CLIP is confident and mostly right; what the spurious tints cost it, prompt tuning can win back.
 - far (like DTD or EuroSAT): the 10 shapes on a speckled background pretraining never showed,
-  half of them in a colour their shape never had there.
+  each in a colour its shape never had there, and turned up to 0.8 radians either way (0.3 in
+  pretraining).
 
 The grid, each cell run as dspt.py runs one: 16 shots per class, label noise from
 dspt.inject_label_noise (none; symmetric or pair at 25, 50, 75%), the prompt learner's 16 context
@@ -37,10 +40,10 @@ vectors from N(0, 0.02), SGD at lr 0.002, batch 32: dspt.py's defaults, except t
 augmentation (--no-augment), because CoOp's random resized crop (scale 0.08-1) would often cut the
 object out of a 32-pixel image, and that the runs are 25 epochs (dspt.py's 50 halved, to fit the
 grid in about half an hour on two cores; the test accuracy curves are flat from about epoch 20).
-Five seeds; the mean, sample std and 95% t-interval of each cell. At 50% symmetric noise the
-losses also record the clean test accuracy after every epoch (the memorisation curves). Beside
-the methods, "free class vectors" (free_class_vectors) measures what any classifier of CoOp's
-form could fit on the frozen image features.
+Five seeds; the mean, sample std and 95% t-interval of each cell. At 50% symmetric and 50% pair
+noise the losses also record the clean test accuracy and the fit of the wrong labels after every
+epoch (the memorisation curves). Beside the methods, "free class vectors" (free_class_vectors)
+measures what any classifier of CoOp's form could fit on the frozen image features.
 
 The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, dspt), and the peers
 of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and its
@@ -371,6 +374,19 @@ TASKS = {"near": dict(train_per_class=50, test_per_class=50, seed=2024, unusual_
          "far": dict(train_per_class=50, test_per_class=100, seed=2025, unusual_colour=1.0, turn=0.8)}
 
 
+def task_attributes(rng, task, label):
+    """The attributes of a task's images of the given classes: sample_attributes', then the
+    task's own shifts from pretraining (TASKS)."""
+    settings, n = TASKS[task], len(label)
+    attributes = sample_attributes(rng, n, task, label)
+    if settings.get("unusual_tint"):  # on a tint other than its shape's USUAL_TINTS
+        others = np.array([[t for t in range(len(TINTS)) if t not in USUAL_TINTS[s]] for s in range(len(SHAPES))])
+        attributes["tint"] = others[attributes["shape"], rng.integers(0, others.shape[1], n)]
+    if settings.get("turn"):  # turned up to this many radians either way, where pretraining turns 0.3 at most
+        attributes["angle"] = rng.uniform(-settings["turn"], settings["turn"], n)
+    return attributes
+
+
 def downstream_task(cache, task):
     """The task's folder, drawn once: train/<class>/ (the few-shot pool) and test/<class>/, the
     same number of images in every class."""
@@ -383,12 +399,7 @@ def downstream_task(cache, task):
     shutil.rmtree(partial, ignore_errors=True)
     for split in ("train", "test"):
         label = np.repeat(np.arange(len(names)), settings[f"{split}_per_class"])
-        attributes = sample_attributes(rng, len(label), task, rng.permutation(label))
-        if settings.get("unusual_tint"):  # on a tint other than its shape's USUAL_TINTS
-            others = np.array([[t for t in range(len(TINTS)) if t not in USUAL_TINTS[s]] for s in range(len(SHAPES))])
-            attributes["tint"] = others[attributes["shape"], rng.integers(0, others.shape[1], len(label))]
-        if settings.get("turn"):  # turned up to this many radians either way, where pretraining turns 0.3 at most
-            attributes["angle"] = rng.uniform(-settings["turn"], settings["turn"], len(label))
+        attributes = task_attributes(rng, task, rng.permutation(label))
         for i, image in enumerate(render(attributes, rng)):
             path = partial / split / names[attributes["label"][i]].replace(" ", "_") / f"{i:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

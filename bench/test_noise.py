@@ -139,3 +139,52 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "noise.json").is_file()
     assert not list(out.glob(".*.part"))
+
+
+def test_contrastive_loss_is_clip_symmetric_cross_entropy():
+    import torch
+    # each row and column puts 2 on its own pair and 0 on the other: -log(e^2 / (e^2 + 1)) each way
+    assert noise.contrastive(torch.tensor([[2.0, 0.0], [0.0, 2.0]])).item() == pytest.approx(math.log(1 + math.exp(-2)))
+    # rows: [3, 1] -> -log(e^3/(e^3+e^1)); [0, 0] -> log 2; columns: [3, 0] and [1, 0]
+    rows = math.log(1 + math.exp(-2)) + math.log(2)
+    columns = math.log(1 + math.exp(-3)) + math.log(1 + math.exp(1))
+    assert noise.contrastive(torch.tensor([[3.0, 1.0], [0.0, 0.0]])).item() == pytest.approx((rows + columns) / 4)
+
+
+def test_every_background_has_specks_no_caption_names(monkeypatch):
+    import numpy as np
+    attributes = noise.sample_attributes(np.random.default_rng(0), 50)
+    attributes["background"][:] = 0  # plain, so that anything far from the tint off the object is a speck
+    attributes["x"][:], attributes["y"][:], attributes["radius"][:] = 24.0, 24.0, 5.0
+
+    def specked():
+        images = noise.render(attributes, np.random.default_rng(1)).astype(float)
+        corner = images[:, :14, :14]  # far from the object: background and specks only
+        tint = noise.TINT_RGB[attributes["tint"]][:, None, None, :]
+        return (np.abs(corner - tint).max(axis=-1) > 60).any(axis=(1, 2)).mean()
+    # four specks of radius 0.6-1.4 land in the 14x14 corner of a 32x32 image in most images
+    assert specked() > 0.4
+    monkeypatch.setattr(noise, "CLUTTER", 0)
+    assert specked() == 0
+
+
+def test_the_tasks_shift_from_pretraining():
+    import numpy as np
+    near = noise.task_attributes(np.random.default_rng(0), "near", np.repeat(np.arange(40), 20))
+    usual = noise.USUAL_TINTS[near["shape"]]
+    assert not (usual == near["tint"][:, None]).any()  # never on its shape's usual tints
+    far = noise.task_attributes(np.random.default_rng(0), "far", np.repeat(np.arange(10), 40))
+    assert np.abs(far["angle"]).max() <= 0.8 and (np.abs(far["angle"]) > 0.3).mean() > 0.5  # pretraining: 0.3
+    assert not (noise.PRETRAINING_COLOURS[far["shape"]] == far["colour"][:, None]).any()  # colours never seen
+    assert (far["background"] == noise.BACKGROUNDS.index("speckled")).all()
+
+
+def test_curves_are_reported_at_symmetric_and_pair_noise():
+    runs = [{"task": "near", "method": m, "kind": kind, "rate": 0.5,
+             "curve": {"test_accuracy": [0.5, 0.6], "memorisation": [0.1, rate]}}
+            for m in noise.LOSS_METHODS for kind, rate in (("sym", 0.2), ("pair", 0.4))]
+    text = noise.curve_sections(runs, "near", [("clean", 0.0), ("sym", 0.5), ("pair", 0.5)], 2)
+    sym, pair = text.split("### ")[1:]
+    assert sym.startswith("near: per-epoch curves at sym 50%") and pair.startswith("near: per-epoch curves at pair 50%")
+    assert "| ce | 50.0 / 10.0 | 60.0 / 20.0 |" in sym and "| ce | 50.0 / 10.0 | 60.0 / 40.0 |" in pair
+    assert noise.curve_sections(runs, "near", [("clean", 0.0), ("sym", 0.5)], 2).count("### ") == 1
