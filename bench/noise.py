@@ -299,11 +299,20 @@ def contrastive(logits):
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+def pretraining_loss(clip, images, tokens, settings):
+    """One batch's loss: CLIP's contrastive loss between the images and their captions, plus
+    instance_weight times the same loss between the images and themselves at scale instance_scale.
+    Captions here repeat, where CLIP's web captions are nearly all different; this second term keeps
+    apart the images that one caption describes, as CLIP's are kept apart."""
+    image_features = F.normalize(clip.encode_image(images), dim=-1)
+    text_features = F.normalize(clip.encode_text(tokens), dim=-1)
+    loss = contrastive(clip.logit_scale.exp() * image_features @ text_features.T)
+    similarity = settings["instance_scale"] * image_features @ image_features.T
+    return loss + settings["instance_weight"] * contrastive(similarity)
+
+
 def pretrain(settings, tokenizer):
-    """A CLIP trained on fresh batches with the symmetric contrastive loss between images and
-    captions, plus instance_weight times the same loss between the images and themselves at scale
-    instance_scale: captions here repeat, where CLIP's web captions are nearly all different, and
-    this term keeps the images of one caption apart as theirs are. (model, stats)"""
+    """A CLIP trained with pretraining_loss on freshly drawn batches; (model, stats)."""
     torch.manual_seed(settings["seed"])
     rng = np.random.default_rng(settings["seed"])
     clip = dspt.CLIP(**MODEL)
@@ -325,11 +334,7 @@ def pretrain(settings, tokenizer):
         attributes = sample_attributes(rng, settings["batch_size"])
         images = to_tensor(render(attributes, rng))
         tokens = tokenizer.tokenize([caption(attributes, i, rng) for i in range(len(images))])
-        image_features = F.normalize(clip.encode_image(images), dim=-1)
-        text_features = F.normalize(clip.encode_text(tokens), dim=-1)
-        loss = contrastive(clip.logit_scale.exp() * image_features @ text_features.T)
-        similarity = settings["instance_scale"] * image_features @ image_features.T
-        loss = loss + settings["instance_weight"] * contrastive(similarity)
+        loss = pretraining_loss(clip, images, tokens, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -356,7 +361,8 @@ WORLD = (RES, SUPERSAMPLE, SHAPES, COLOURS, TEXTURES, CLUTTER, SIZES, BACKGROUND
 def pretrained_clip(mode, tokenizer, cache):
     """(checkpoint path, pretraining stats), pretraining first unless the cache has it."""
     settings = PRETRAINING[mode]
-    digest = fingerprint(*WORLD, caption, CAPTION, background, MODEL, settings, initialise, contrastive, pretrain)
+    digest = fingerprint(*WORLD, caption, CAPTION, background, MODEL, settings, initialise, contrastive,
+                         pretraining_loss, pretrain)
     path = Path(cache) / f"clip-{mode}-{digest}.pt"
     stats_path = path.with_suffix(".json")
     if path.is_file() and stats_path.is_file():

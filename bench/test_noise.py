@@ -188,3 +188,24 @@ def test_curves_are_reported_at_symmetric_and_pair_noise():
     assert sym.startswith("near: per-epoch curves at sym 50%") and pair.startswith("near: per-epoch curves at pair 50%")
     assert "| ce | 50.0 / 10.0 | 60.0 / 20.0 |" in sym and "| ce | 50.0 / 10.0 | 60.0 / 40.0 |" in pair
     assert noise.curve_sections(runs, "near", [("clean", 0.0), ("sym", 0.5)], 2).count("### ") == 1
+
+
+def test_pretraining_loss_adds_the_images_against_themselves():
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    clip = noise.dspt.CLIP(**noise.MODEL).eval()
+    images = torch.randn(6, 3, noise.RES, noise.RES)
+    tokens = torch.randint(1, 40000, (6, noise.MODEL["context_length"]))
+    tokens[:, 9] = 49407  # the end-of-text token, where the text feature is read
+    raw = torch.randn(6, noise.MODEL["embed_dim"])  # image features far apart (a fresh encoder's are alike)
+    clip.encode_image = lambda x: raw if x is images else None
+    with torch.no_grad():
+        features = F.normalize(raw, dim=-1)
+
+        def loss(weight, scale):
+            return noise.pretraining_loss(clip, images, tokens, dict(instance_weight=weight, instance_scale=scale))
+        for weight, scale in ((1.0, 1.0), (0.5, 3.0)):
+            # the similarities are symmetric, so both directions of the term are the rows' cross-entropy
+            term = F.cross_entropy(scale * features @ features.T, torch.arange(6))
+            assert (loss(weight, scale) - loss(0.0, scale)).item() == pytest.approx(weight * term.item(), rel=1e-4)
