@@ -13,9 +13,10 @@ with a tint (eight, named apart from the colours: "navy", "olive", ...), a patte
 striped, checkered) and four small specks of any colour, which no caption names. Each image has
 a caption in words, like web alt-text: it names the shape nine times in ten and each other
 attribute often, in varied phrasings ("a photo of a small red star on a navy striped
-background.", "clip art of a large spotted ring in the top left", "heart, blue, small"). The real BPE tokenizes the captions. Two correlations of web data are
-built in: each shape has six of the eight colours (never the two of HELD_OUT), and two usual
-background tints that it has in half of its images.
+background.", "clip art of a large spotted ring in the top left", "heart, blue, small"). The
+real BPE tokenizes the captions. Two correlations of web data are built in: each shape has six of
+the eight colours (never the two of HELD_OUT), and two usual background tints that it has in half
+of its images.
 
 Pretraining. dspt.CLIP in miniature: a ModifiedResNet (RN50's design, one bottleneck per stage,
 width 16), a 2-layer text transformer of width 128, 256-dimensional embeddings; trained
@@ -48,15 +49,17 @@ measures what any classifier of CoOp's form could fit on the frozen image featur
 The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, dspt), and the peers
 of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and its
 published initialisation ("a photo of a" after 12 zero vectors), trained 25 epochs where the
-paper trains 200; and NLPrompt (optimal transport splits the samples; CE on the
-clean, MAE on the rest); VisPrompt and ANPrompt as baselines.py reconstructs them (ANPrompt with
-cross-entropy). VisPrompt is too slow for the near task on a CPU (NOT_RUN): one epoch of it is
-timed instead. UPL's pseudo-labelling has no labels, hence no noise axis: zero-shot CLIP
-pseudo-labels the whole pool, the 16 most confident per predicted class are kept, and the prompt
-is tuned on them with the dspt loss and with ce; it gets its own table.
+paper trains 200; and NLPrompt (optimal transport splits the samples; CE on the clean, MAE on the
+rest); VisPrompt and ANPrompt as baselines.py reconstructs them (ANPrompt with cross-entropy).
+VisPrompt is too slow for the near task on a CPU (NOT_RUN): the grid times one epoch of it, and a
+separate --slow pass runs it and adds it to the report. UPL's pseudo-labelling has no labels,
+hence no noise axis: zero-shot CLIP pseudo-labels the whole pool, the 16 most confident per
+predicted class are kept, and the prompt is tuned on them with the dspt loss and with ce; it gets
+its own table.
 
     python bench/noise.py --bpe path/to/bpe_simple_vocab_16e6.txt.gz   # or set $DSPT_BPE
     python bench/noise.py --quick     # shorter pretraining, 5 epochs, one seed, noise none and sym 50%
+    python bench/noise.py --slow      # after the grid: VisPrompt on the near task, added to its report
 
 Writes noise.md (tables), noise.png (accuracy against noise rate), noise-curves.png (the
 memorisation curves) and noise.json (every run) into --out. Delete --cache to pretrain again.
@@ -353,9 +356,8 @@ def fingerprint(*parts):
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-WORLD = (RES, SUPERSAMPLE, SHAPES, COLOURS, TEXTURES, CLUTTER, SIZES, BACKGROUNDS, TINTS, USUAL_TINTS, USUAL_TINT_CHANCE,
-         tints, HELD_OUT, NEAR_CLASSES,
-         shape_mask, sample_attributes, draw_backgrounds, render)
+WORLD = (RES, SUPERSAMPLE, SHAPES, COLOURS, TEXTURES, CLUTTER, SIZES, BACKGROUNDS, TINTS, USUAL_TINTS,
+         USUAL_TINT_CHANCE, tints, HELD_OUT, NEAR_CLASSES, shape_mask, sample_attributes, draw_backgrounds, render)
 
 
 def pretrained_clip(mode, tokenizer, cache):
@@ -605,7 +607,7 @@ GRID = {}  # what the grid's worker processes share: filled before they fork
 def run_job(job):
     """One job of the grid: every method at (task, seed, noise kind, rate); or UPL's runs at
     (task, seed) when the kind is "upl"; or, when it is "timing", one epoch of each NOT_RUN
-    method of the task on clean labels."""
+    method of the task on clean labels. In a --slow pass (GRID["slow"]), the NOT_RUN methods only."""
     name, seed, kind, rate = job
     task, clip, mode = GRID["tasks"][name], GRID["clip"], GRID["mode"]
     torch.set_num_threads(GRID["threads"])
@@ -623,11 +625,11 @@ def run_job(job):
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             features, kept, _ = dspt.encode_images(clip, items, task["preprocess"], args, "encoding training images")
         task = {**task, "train_features": (features, kept)}  # for the transport split and the bound, encoded once
-        if kind != "timing":
+        if kind != "timing" and not GRID["slow"]:
             runs.append({"task": name, "kind": kind, "rate": rate, "seed": seed, "method": "free class vectors",
                          **free_class_vectors(task, clip, labels, noisy)})
         for method in METHODS:
-            if ((name, method) in NOT_RUN) != (kind == "timing"):
+            if ((name, method) in NOT_RUN) != (kind == "timing" or GRID["slow"]):
                 continue
             curve = method in LOSS_METHODS and (kind, rate) in CURVES
             run = {"task": name, "method": method, "kind": kind, "rate": rate, "seed": seed,
@@ -658,14 +660,17 @@ def run_upl(task, clip, seed, args, log):
     return runs
 
 
-def run_grid(mode, tasks, clip, cache, seeds, jobs, threads):
+def run_grid(mode, tasks, clip, cache, seeds, jobs, threads, slow=False):
     """(the runs, UPL's runs, free_class_vectors' runs, the NOT_RUN methods' timing runs) over the
     tasks, the seeds, the mode's noise settings and the methods, in jobs worker processes of
-    threads torch threads each; in a fixed order whatever the jobs."""
-    GRID.update(tasks=tasks, clip=clip, mode=mode, cache=cache, threads=threads)
+    threads torch threads each; in a fixed order whatever the jobs. slow: the NOT_RUN cells only."""
+    GRID.update(tasks=tasks, clip=clip, mode=mode, cache=cache, threads=threads, slow=slow)
     work = [(name, seed, kind, rate) for name in tasks for seed in seeds
             for kind, rate in [*NOISE[mode], ("upl", 0.0)]]
-    if mode == "full":
+    if slow:
+        work = [(name, seed, kind, rate) for name in tasks if any(task == name for task, _ in NOT_RUN)
+                for seed in seeds for kind, rate in NOISE[mode]]
+    elif mode == "full":
         work += [(name, seeds[0], "timing", 0.0) for name in tasks if any(task == name for task, _ in NOT_RUN)]
     if jobs == 1:
         results = [run_job(job) for job in work]
@@ -835,17 +840,24 @@ def bound_table(bounds, task):
 
 
 def not_run_note(report, runs, name):
-    """Why a NOT_RUN method's row is empty, with the time one epoch of it took."""
+    """Why a NOT_RUN method's row is empty, with the time one epoch of it took; or, once a --slow
+    pass has run it, what that pass took."""
     notes = []
     for run in report["not_run"]:
-        if run["task"] == name:
-            ce = cell(runs, name, "ce", "clean", 0.0, "epoch_seconds")[0]
-            hours = run["epoch_seconds"] * EPOCHS["full"] * len(NOISE["full"]) * len(report["seeds"]) / 3600
-            notes.append(f"{run['method']} is not run on this task: one epoch of it took {run['epoch_seconds']:.1f} s "
-                         f"(clean labels, seed {run['seed']}) against {ce:.2f} s for ce, so its "
-                         f"{len(NOISE['full'])} noise settings "
-                         f"x {len(report['seeds'])} seeds x {EPOCHS['full']} epochs would take {hours:.1f} hours of "
-                         f"one CPU worker.")
+        if run["task"] != name:
+            continue
+        ce = cell(runs, name, "ce", "clean", 0.0, "epoch_seconds")[0]
+        if "slow" in report:
+            slow = report["slow"]
+            notes.append(f"{run['method']} was run on this task by a separate --slow pass: {slow['runs']} runs in "
+                         f"{slow['seconds']:.0f} s ({slow['jobs']} worker process(es)); one epoch of it took "
+                         f"{run['epoch_seconds']:.1f} s (clean labels, seed {run['seed']}) against {ce:.2f} s for ce.")
+            continue
+        hours = run["epoch_seconds"] * EPOCHS["full"] * len(NOISE["full"]) * len(report["seeds"]) / 3600
+        notes.append(f"{run['method']} is not run on this task: one epoch of it took {run['epoch_seconds']:.1f} s "
+                     f"(clean labels, seed {run['seed']}) against {ce:.2f} s for ce, so its "
+                     f"{len(NOISE['full'])} noise settings x {len(report['seeds'])} seeds x {EPOCHS['full']} epochs "
+                     f"would take {hours:.1f} hours of one CPU worker (--slow runs them).")
     return " ".join(notes)
 
 
@@ -952,8 +964,8 @@ def plot(report, runs, path):
         for ax, kind in zip(axes_row, kinds):
             points = [s for s in settings if s[0] in ("clean", kind)]
             for method in METHODS:
-                if (task, method) in NOT_RUN:
-                    continue
+                if not any(run["task"] == task and run["method"] == method for run in runs):
+                    continue  # NOT_RUN, before a --slow pass
                 means, _, halves = zip(*(cell(runs, task, method, *s, "test_accuracy") for s in points))
                 ax.errorbar([100 * s[1] for s in points], 100 * np.array(means), yerr=100 * np.array(halves),
                             marker="o", capsize=3, label=method)
@@ -1013,6 +1025,10 @@ def parse_args(argv=None):
         help="the seeds of the grid, to check its results on others (default 1 2 3 4 5, or 1 with --quick)")
     add("--jobs", type=int, default=os.cpu_count(), metavar="N",
         help="tuning runs at once, in worker processes (default: the number of CPUs, %(default)s)")
+    add("--slow", action="store_true",
+        help="run only the cells the grid leaves out for their cost (NOT_RUN: VisPrompt on the near task, about "
+             "an hour on 2 cores) and add them to the report in --out, written by an earlier run of the same "
+             "mode and seeds")
     add("--threads", type=int, default=1,
         help="torch CPU threads of each worker; pretraining, before the workers start, uses --jobs times as many "
              "(default %(default)s)")
@@ -1031,6 +1047,9 @@ def main(argv=None):
     start, load_start = time.time(), os.getloadavg()[0]
     tokenizer = dspt.load_tokenizer(args.bpe)
     checkpoint, pretraining = pretrained_clip(mode, tokenizer, args.cache)
+    seeds = args.seeds or SEEDS[mode]
+    if args.slow:
+        report = earlier_report(out, mode, seeds, pretraining)
     clip, preprocess = dspt.load_clip(str(checkpoint))
     base = dspt.parse_args(["--data", ".", *TUNING])
     dspt.check_args(base)
@@ -1038,7 +1057,13 @@ def main(argv=None):
              for name in TASKS}
     grid_start = time.time()
     torch.set_num_threads(args.threads)
-    seeds = args.seeds or SEEDS[mode]
+    if args.slow:
+        added = run_grid(mode, tasks, clip, args.cache, seeds, args.jobs, args.threads, slow=True)[0]
+        report["runs"] += added
+        report["slow"] = {"seconds": time.time() - grid_start, "runs": len(added), "jobs": args.jobs,
+                          "threads": args.threads, "load": [load_start, os.getloadavg()[0]]}
+        write_report(out, report)
+        return report
     runs, upl_runs, bounds, not_run = run_grid(mode, tasks, clip, args.cache, seeds, args.jobs, args.threads)
     report = {"mode": mode, "pretraining": pretraining,
               "tasks": {name: {"zero_shot": task["zero_shot"], "settings": TASKS[name]}
@@ -1050,13 +1075,37 @@ def main(argv=None):
               "tuning": [*TUNING, "--epochs", str(EPOCHS[mode])], "noise": NOISE[mode], "seeds": seeds,
               "logit_scale_at_use": clip.logit_scale.exp().item(),
               "runs": runs, "upl_runs": upl_runs, "bounds": bounds, "not_run": not_run}
+    write_report(out, report)
+    return report
+
+
+def earlier_report(out, mode, seeds, pretraining):
+    """The report in out that a --slow pass adds to: written by a run of this mode, on these seeds,
+    with this pretrained model."""
+    try:
+        report = json.loads((out / "noise.json").read_text())
+    except (OSError, ValueError) as e:
+        raise dspt.UserError(f"--slow adds to the report in {out}, and {out / 'noise.json'} cannot be read ({e}); "
+                             f"run the grid first without --slow") from None
+    if report["mode"] != mode or report["seeds"] != seeds or report["pretraining"]["final_loss"] != pretraining[
+            "final_loss"]:
+        raise dspt.UserError(f"{out / 'noise.json'} is from another grid (mode {report['mode']}, seeds "
+                             f"{report['seeds']}, or another pretrained model); run --slow with the same mode, "
+                             f"--seeds and --cache as the grid")
+    if "slow" in report:
+        raise dspt.UserError(f"{out / 'noise.json'} already has its --slow runs")
+    return report
+
+
+def write_report(out, report):
+    """noise.md, noise.png, noise-curves.png and noise.json into out, each whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
+    runs = report["runs"]
     dspt.atomic_write(out / "noise.md", lambda f: f.write(markdown(report, runs).encode()))
     dspt.atomic_write(out / "noise.png", lambda f: plot(report, runs, f))
     dspt.atomic_write(out / "noise-curves.png", lambda f: plot_curves(report, runs, f))
     dspt.atomic_write(out / "noise.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
-    print(f"wrote noise.md, noise.png, noise-curves.png and noise.json into {out} in {report['seconds']:.0f}s")
-    return report
+    print(f"wrote noise.md, noise.png, noise-curves.png and noise.json into {out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 empty cache (pretraining, both tasks, the grid, the report)."""
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -139,6 +140,25 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "noise.json").is_file()
     assert not list(out.glob(".*.part"))
+
+    # --slow runs the cells NOT_RUN leaves out and adds them to that report, changing nothing else
+    quick = ["--quick", "--out", str(out), "--cache", str(cache), *bpe_arguments()]
+    with pytest.raises(noise.dspt.UserError, match="another grid"):
+        noise.main([*quick, "--slow", "--seeds", "2"])
+    slow = noise.main([*quick, "--slow", "--jobs", "2"])
+    before = json.loads(json.dumps(report["runs"]))
+    assert slow["runs"][:len(before)] == before
+    added = {(run["task"], run["method"], run["kind"]) for run in slow["runs"][len(before):]}
+    assert added == {(*cell, kind) for cell in noise.NOT_RUN for kind, _ in noise.NOISE["quick"]}
+    assert slow["slow"]["runs"] == len(added) == len(slow["runs"]) - len(before)
+    text = (out / "noise.md").read_text()
+    header, *rows = markdown_table(text, "The near task: test accuracy")
+    (visprompt,) = [row for row in rows if row[0] == "visprompt"]
+    assert all(value.strip("*").split(" ± ")[0].replace(".", "").isdigit() for value in visprompt[1:])
+    assert "by a separate --slow pass" in text
+    assert json.loads((out / "noise.json").read_text())["runs"] == json.loads(json.dumps(slow["runs"]))
+    with pytest.raises(noise.dspt.UserError, match="already has"):
+        noise.main([*quick, "--slow"])
 
 
 def test_contrastive_loss_is_clip_symmetric_cross_entropy():
