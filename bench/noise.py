@@ -843,21 +843,23 @@ def not_run_note(report, runs, name):
     """Why a NOT_RUN method's row is empty, with the time one epoch of it took; or, once a --slow
     pass has run it, what that pass took."""
     notes = []
+    if "slow" in report and any(task == name for task, _ in NOT_RUN):
+        slow, methods = report["slow"], sorted(method for task, method in NOT_RUN if task == name)
+        notes.append(f"{', '.join(methods)} ran on this task in a separate --slow pass: {slow['runs']} runs in "
+                     f"{slow['seconds']:.0f} s ({slow['jobs']} worker process(es)).")
     for run in report["not_run"]:
         if run["task"] != name:
             continue
         ce = cell(runs, name, "ce", "clean", 0.0, "epoch_seconds")[0]
+        epoch = (f"one epoch of {run['method']} took {run['epoch_seconds']:.1f} s (clean labels, seed {run['seed']}) "
+                 f"against {ce:.2f} s for ce")
         if "slow" in report:
-            slow = report["slow"]
-            notes.append(f"{run['method']} was run on this task by a separate --slow pass: {slow['runs']} runs in "
-                         f"{slow['seconds']:.0f} s ({slow['jobs']} worker process(es)); one epoch of it took "
-                         f"{run['epoch_seconds']:.1f} s (clean labels, seed {run['seed']}) against {ce:.2f} s for ce.")
+            notes.append(f"In the grid, {epoch}.")
             continue
         hours = run["epoch_seconds"] * EPOCHS["full"] * len(NOISE["full"]) * len(report["seeds"]) / 3600
-        notes.append(f"{run['method']} is not run on this task: one epoch of it took {run['epoch_seconds']:.1f} s "
-                     f"(clean labels, seed {run['seed']}) against {ce:.2f} s for ce, so its "
-                     f"{len(NOISE['full'])} noise settings x {len(report['seeds'])} seeds x {EPOCHS['full']} epochs "
-                     f"would take {hours:.1f} hours of one CPU worker (--slow runs them).")
+        notes.append(f"{run['method']} is not run on this task: {epoch}, so its {len(NOISE['full'])} noise settings "
+                     f"x {len(report['seeds'])} seeds x {EPOCHS['full']} epochs would take {hours:.1f} hours of one "
+                     f"CPU worker (--slow runs them).")
     return " ".join(notes)
 
 
@@ -1046,10 +1048,12 @@ def main(argv=None):
     torch.set_num_threads(min(os.cpu_count(), args.jobs * args.threads))  # the workers' threads, until they start
     start, load_start = time.time(), os.getloadavg()[0]
     tokenizer = dspt.load_tokenizer(args.bpe)
-    checkpoint, pretraining = pretrained_clip(mode, tokenizer, args.cache)
     seeds = args.seeds or SEEDS[mode]
-    if args.slow:
-        report = earlier_report(out, mode, seeds, pretraining)
+    report = earlier_report(out, mode, seeds) if args.slow else None
+    checkpoint, pretraining = pretrained_clip(mode, tokenizer, args.cache)
+    if report and report["pretraining"]["final_loss"] != pretraining["final_loss"]:
+        raise dspt.UserError(f"{out / 'noise.json'} is from another pretrained model; run --slow with the --cache "
+                             f"of its grid")
     clip, preprocess = dspt.load_clip(str(checkpoint))
     base = dspt.parse_args(["--data", ".", *TUNING])
     dspt.check_args(base)
@@ -1079,19 +1083,16 @@ def main(argv=None):
     return report
 
 
-def earlier_report(out, mode, seeds, pretraining):
-    """The report in out that a --slow pass adds to: written by a run of this mode, on these seeds,
-    with this pretrained model."""
+def earlier_report(out, mode, seeds):
+    """The report in out that a --slow pass adds to: written by a run of this mode, on these seeds."""
     try:
         report = json.loads((out / "noise.json").read_text())
     except (OSError, ValueError) as e:
         raise dspt.UserError(f"--slow adds to the report in {out}, and {out / 'noise.json'} cannot be read ({e}); "
                              f"run the grid first without --slow") from None
-    if report["mode"] != mode or report["seeds"] != seeds or report["pretraining"]["final_loss"] != pretraining[
-            "final_loss"]:
+    if report["mode"] != mode or report["seeds"] != seeds:
         raise dspt.UserError(f"{out / 'noise.json'} is from another grid (mode {report['mode']}, seeds "
-                             f"{report['seeds']}, or another pretrained model); run --slow with the same mode, "
-                             f"--seeds and --cache as the grid")
+                             f"{report['seeds']}); run --slow with the grid's mode and --seeds")
     if "slow" in report:
         raise dspt.UserError(f"{out / 'noise.json'} already has its --slow runs")
     return report

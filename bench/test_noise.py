@@ -155,7 +155,7 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
     header, *rows = markdown_table(text, "The near task: test accuracy")
     (visprompt,) = [row for row in rows if row[0] == "visprompt"]
     assert all(value.strip("*").split(" ± ")[0].replace(".", "").isdigit() for value in visprompt[1:])
-    assert "by a separate --slow pass" in text
+    assert "visprompt ran on this task in a separate --slow pass" in text
     assert json.loads((out / "noise.json").read_text())["runs"] == json.loads(json.dumps(slow["runs"]))
     with pytest.raises(noise.dspt.UserError, match="already has"):
         noise.main([*quick, "--slow"])
