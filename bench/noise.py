@@ -31,8 +31,8 @@ pool, and 50 or 100 test images per class):
 - near (like Caltech101): 40 classes, each a shape in one of its pretraining colours ("red star"),
   drawn as in pretraining except that every tint is equally likely with every shape. Zero-shot
   CLIP is confident and mostly right; what the spurious tints cost it, prompt tuning can win back.
-- far (like DTD or EuroSAT): the 10 shapes on a speckled background pretraining never showed,
-  each in a colour its shape never had there, and turned up to 0.8 radians either way (0.3 in
+- far (like DTD or EuroSAT): the 10 shapes on a background pretraining never showed (grey, pixel
+  noise and three larger specks), each in a colour its shape never had there, and turned up to 0.8 radians either way (0.3 in
   pretraining).
 
 The grid, each cell run as dspt.py runs one: 16 shots per class, label noise from
@@ -399,7 +399,7 @@ def downstream_task(cache, task):
     """The task's folder, drawn once: train/<class>/ (the few-shot pool) and test/<class>/, the
     same number of images in every class."""
     settings, names = TASKS[task], classnames(task)
-    root = Path(cache) / f"{task}-{fingerprint(*WORLD, settings)}"
+    root = Path(cache) / f"{task}-{fingerprint(*WORLD, settings, task_attributes)}"
     if root.is_dir():
         return root
     rng = np.random.default_rng(settings["seed"])
@@ -531,7 +531,10 @@ def tune_and_evaluate(method, clip, task, items, labels, noisy, args, log, ctx_i
             "seconds": time.time() - start, "epoch_seconds": float(np.mean([r["seconds"] for r in history])), **extra}
 
 
-def free_class_vectors(task, clip, labels, noisy, steps=2000, lr=0.03):
+BOUND = dict(steps=2000, lr=0.03)  # free_class_vectors' full-batch Adam
+
+
+def free_class_vectors(task, clip, labels, noisy, steps=BOUND["steps"], lr=BOUND["lr"]):
     """What a classifier of CoOp's form could fit at best: one free unit vector per class in
     place of the prompts' text features (started from zero-shot's), trained with cross-entropy at
     CLIP's logit scale on the training images' features by full-batch Adam. Its last-step fit of
@@ -618,7 +621,7 @@ def run_job(job):
     logs = Path(GRID["cache"]) / f"logs-{mode}"
     logs.mkdir(exist_ok=True)
     runs = []
-    with open(logs / f"{name}-seed{seed}-{kind}{rate:g}.log", "w") as log:
+    with open(logs / f"{name}-seed{seed}-{kind}{rate:g}{'-slow' if GRID['slow'] else ''}.log", "w") as log:
         if kind == "upl":
             return run_upl(task, clip, seed, args, log)
         items, labels, noisy, _ = dspt.noisy_few_shot(task["train"], len(task["classnames"]), args)
@@ -772,6 +775,8 @@ def curve_table(runs, task, kind, rate, epochs, every=5):
     lines = ["| loss | " + " | ".join(f"epoch {e}" for e in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for method in LOSS_METHODS:
         curves = curves_of(runs, task, method, kind, rate)
+        if not curves:
+            continue
         test = 100 * np.mean([c["test_accuracy"] for c in curves], axis=0)
         memorised = 100 * np.mean([c["memorisation"] for c in curves], axis=0)
         lines.append(f"| {method} | " + " | ".join(f"{test[e - 1]:.1f} / {memorised[e - 1]:.1f}" for e in shown) + " |")
@@ -883,8 +888,8 @@ in bold, in each column, the best mean and every method whose interval overlaps 
 ### {name}: the most a classifier of CoOp's form could fit on these image features
 
 One free unit vector per class in place of the prompts' text features, trained to convergence with \
-cross-entropy at logit scale 100 on the same training samples (full-batch Adam, learning rate 0.03, 2000 \
-steps, started from zero-shot's text features); mean ± std over the seeds.
+cross-entropy at logit scale 100 on the same training samples (full-batch Adam, learning rate {BOUND['lr']}, \
+{BOUND['steps']} steps, started from zero-shot's text features); mean ± std over the seeds.
 
 {bound_table(report["bounds"], name)}
 
@@ -948,7 +953,7 @@ accuracy.
 
 {"".join(task_sections(report, runs, name) for name in report["tasks"])}
 Wall-clock: pretraining {pre['seconds']:.0f} s{' (cached by an earlier run)' if pre['cached'] else ''}, \
-{len(runs)} + {len(report['upl_runs'])} (UPL) tuning runs in {report['grid_seconds']:.0f} s ({report['jobs']} \
+{len(runs) - report.get('slow', {}).get('runs', 0)} + {len(report['upl_runs'])} (UPL) tuning runs in {report['grid_seconds']:.0f} s ({report['jobs']} \
 worker process(es) of {report['threads']} torch thread(s)), the whole command {report['seconds']:.0f} s, on \
 {report['cpus']} CPUs; load average (1 min) {report['load'][0]:.1f} at the start, {report['load'][1]:.1f} at the end.
 """
@@ -993,6 +998,8 @@ def plot_curves(report, runs, path):
     for (left, right), (task, setting) in zip(axes, rows):
         for method in LOSS_METHODS:
             curves = curves_of(runs, task, method, *setting)
+            if not curves:
+                continue
             epochs = np.arange(1, len(curves[0]["test_accuracy"]) + 1)
             left.plot(epochs, 100 * np.mean([c["test_accuracy"] for c in curves], axis=0), label=method)
             right.plot(epochs, 100 * np.mean([c["memorisation"] for c in curves], axis=0), label=method)
@@ -1052,8 +1059,9 @@ def main(argv=None):
     report = earlier_report(out, mode, seeds) if args.slow else None
     checkpoint, pretraining = pretrained_clip(mode, tokenizer, args.cache)
     if report and report["pretraining"]["final_loss"] != pretraining["final_loss"]:
-        raise dspt.UserError(f"{out / 'noise.json'} is from another pretrained model; run --slow with the --cache "
-                             f"of its grid")
+        raise dspt.UserError(f"{out / 'noise.json'} is from another pretrained model (final pretraining loss "
+                             f"{report['pretraining']['final_loss']:.6f} there, {pretraining['final_loss']:.6f} in "
+                             f"{checkpoint}); run --slow with the --cache of its grid")
     clip, preprocess = dspt.load_clip(str(checkpoint))
     base = dspt.parse_args(["--data", ".", *TUNING])
     dspt.check_args(base)
@@ -1063,6 +1071,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.slow:
         added = run_grid(mode, tasks, clip, args.cache, seeds, args.jobs, args.threads, slow=True)[0]
+        saved = Path(args.cache) / f"logs-{mode}" / "slow-runs.json"  # kept should the report fail to draw
+        dspt.atomic_write(saved, lambda f: f.write(json.dumps(added, indent=1).encode()))
         report["runs"] += added
         report["slow"] = {"seconds": time.time() - grid_start, "runs": len(added), "jobs": args.jobs,
                           "threads": args.threads, "load": [load_start, os.getloadavg()[0]]}
@@ -1084,17 +1094,25 @@ def main(argv=None):
 
 
 def earlier_report(out, mode, seeds):
-    """The report in out that a --slow pass adds to: written by a run of this mode, on these seeds."""
+    """The report in out that a --slow pass adds to: written by a grid of this mode, on these
+    seeds, with the settings this file has now."""
+    path = out / "noise.json"
     try:
-        report = json.loads((out / "noise.json").read_text())
-    except (OSError, ValueError) as e:
-        raise dspt.UserError(f"--slow adds to the report in {out}, and {out / 'noise.json'} cannot be read ({e}); "
-                             f"run the grid first without --slow") from None
-    if report["mode"] != mode or report["seeds"] != seeds:
-        raise dspt.UserError(f"{out / 'noise.json'} is from another grid (mode {report['mode']}, seeds "
-                             f"{report['seeds']}); run --slow with the grid's mode and --seeds")
+        report = json.loads(path.read_text())
+        written = {key: report[key] for key in ("mode", "seeds", "tuning", "noise", "model", "pretraining_settings")}
+        written["tasks"] = {name: task["settings"] for name, task in report["tasks"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise dspt.UserError(f"--slow adds to the report of a grid, and {path} is not one ({e!r}); run the grid "
+                             f"first without --slow") from None
+    now = json.loads(json.dumps({"mode": mode, "seeds": seeds, "tuning": [*TUNING, "--epochs", str(EPOCHS[mode])],
+                                 "noise": NOISE[mode], "model": MODEL, "pretraining_settings": PRETRAINING[mode],
+                                 "tasks": TASKS}))
+    differ = [key for key in now if written[key] != now[key]]
+    if differ:
+        raise dspt.UserError(f"{path} is from another grid (its {', '.join(differ)} differ from this run's); run "
+                             f"--slow with the grid's --quick and --seeds, and the settings it ran with")
     if "slow" in report:
-        raise dspt.UserError(f"{out / 'noise.json'} already has its --slow runs")
+        raise dspt.UserError(f"{path} already has its --slow runs")
     return report
 
 
