@@ -1070,6 +1070,10 @@ def main(argv=None):
     grid_start = time.time()
     torch.set_num_threads(args.threads)
     if args.slow:
+        zero_shot = {name: task["zero_shot"]["test_accuracy"] for name, task in tasks.items()}
+        if zero_shot != {name: task["zero_shot"]["test_accuracy"] for name, task in report["tasks"].items()}:
+            raise dspt.UserError(f"the tasks drawn now are not those of {out / 'noise.json'} (their zero-shot "
+                                 f"accuracies differ); run --slow with the --cache and the code of its grid")
         added = run_grid(mode, tasks, clip, args.cache, seeds, args.jobs, args.threads, slow=True)[0]
         saved = Path(args.cache) / f"logs-{mode}" / "slow-runs.json"  # kept should the report fail to draw
         dspt.atomic_write(saved, lambda f: f.write(json.dumps(added, indent=1).encode()))
