@@ -32,8 +32,8 @@ pool, and 50 or 100 test images per class):
   drawn as in pretraining except that every tint is equally likely with every shape. Zero-shot
   CLIP is confident and mostly right; what the spurious tints cost it, prompt tuning can win back.
 - far (like DTD or EuroSAT): the 10 shapes on a background pretraining never showed (grey, pixel
-  noise and three larger specks), each in a colour its shape never had there, and turned up to 0.8 radians either way (0.3 in
-  pretraining).
+  noise and three larger specks), each in a colour its shape never had there, and turned up to
+  0.8 radians either way (0.3 in pretraining).
 
 The grid, each cell run as dspt.py runs one: 16 shots per class, label noise from
 dspt.inject_label_noise (none; symmetric or pair at 25, 50, 75%), the prompt learner's 16 context
@@ -954,7 +954,8 @@ accuracy.
 
 {"".join(task_sections(report, runs, name) for name in report["tasks"])}
 Wall-clock: pretraining {pre['seconds']:.0f} s{' (cached by an earlier run)' if pre['cached'] else ''}, \
-{len(runs) - report.get('slow', {}).get('runs', 0)} + {len(report['upl_runs'])} (UPL) tuning runs in {report['grid_seconds']:.0f} s ({report['jobs']} \
+{len(runs) - report.get('slow', {}).get('runs', 0)} + {len(report['upl_runs'])} (UPL) tuning runs in \
+{report['grid_seconds']:.0f} s ({report['jobs']} \
 worker process(es) of {report['threads']} torch thread(s)), the whole command {report['seconds']:.0f} s, on \
 {report['cpus']} CPUs; load average (1 min) {report['load'][0]:.1f} at the start, {report['load'][1]:.1f} at the end.
 """
