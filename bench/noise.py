@@ -45,7 +45,8 @@ about a point at most, cross-entropy's under pair noise by up to 3).
 Five seeds; the mean, sample std and 95% t-interval of each cell. At 50% symmetric and 50% pair
 noise the losses also record the clean test accuracy and the fit of the wrong labels after every
 epoch (the memorisation curves). Beside the methods, "free class vectors" (free_class_vectors)
-measures what any classifier of CoOp's form could fit on the frozen image features.
+measures what any classifier of CoOp's form could fit on the frozen image features;
+bench/memorisation.py asks whether those features or the prompt's form keep CoOp from fitting more.
 
 The methods: CoOp's prompt tuning with each of dspt.py's losses (ce, gce, mae, dspt), and the peers
 of baselines.py at the same cells: ProGrad with cross-entropy as its domain loss (lambda 1) and its

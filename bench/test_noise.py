@@ -22,6 +22,8 @@ def load_benchmark():
 
 
 noise = load_benchmark()
+sys.path.insert(0, str(HERE))
+import memorisation  # noqa: E402  (bench/memorisation.py, run below on the model the quick run pretrains)
 
 
 def bpe_arguments():
@@ -161,6 +163,31 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
     assert json.loads((out / "noise.json").read_text())["runs"] == json.loads(json.dumps(slow["runs"]))
     with pytest.raises(noise.dspt.UserError, match="already has"):
         noise.main([*quick, "--slow"])
+
+    # bench/memorisation.py on the same model, tasks and samples: its CoOp on the encoded features
+    # is the grid's cross-entropy run, and instance-rich features spread the classes wider
+    probe = memorisation.main(["--quick", "--out", str(out), "--cache", str(cache), "--threads", "1",
+                               *bpe_arguments()])
+    cells = {(r["task"], r["kind"], r["features"], r["classifier"]): r for r in probe["runs"]}
+    assert len(cells) == len(probe["runs"]) == len(noise.TASKS) * 2 * 2 * len(memorisation.CLASSIFIERS)
+    for name in noise.TASKS:
+        assert probe["tasks"][name]["zero_shot"]["encoded"] == report["tasks"][name]["zero_shot"]["test_accuracy"]
+        (grid_ce,) = [r for r in report["runs"] if (r["task"], r["method"], r["kind"]) == (name, "ce", "sym")]
+        coop = cells[name, "sym", "encoded", "coop"]
+        for key in ("memorisation", "clean_fit", "test_accuracy", "text_similarity"):
+            assert coop[key] == pytest.approx(grid_ce[key], abs=1e-6), key
+        for kind in ("sym", "pair"):
+            rich, encoded = cells[name, kind, "instance-rich", "coop"], cells[name, kind, "encoded", "coop"]
+            assert rich["participation_ratio"] > 2 * encoded["participation_ratio"]
+            assert cells[name, kind, "instance-rich", "free class vectors"]["memorisation"] > 0.9
+            for classifier in memorisation.CLASSIFIERS[1:]:
+                run = cells[name, kind, "instance-rich", classifier]
+                assert len(run["memorisation_curve"]) == noise.EPOCHS["quick"]
+                assert run["memorisation_curve"][-1] == run["memorisation"]
+    header, *rows = markdown_table((out / "memorisation.md").read_text(), "near task")
+    assert header == ["features", "within-class participation ratio", "zero-shot test accuracy"]
+    assert [row[0] for row in rows] == ["encoded", "instance-rich"]
+    assert (out / "memorisation.json").is_file()
 
 
 def test_contrastive_loss_is_clip_symmetric_cross_entropy():
