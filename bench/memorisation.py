@@ -45,18 +45,23 @@ import noise  # bench/noise.py: the stand-in, its tasks and its bound
 from noise import dspt
 
 DETAIL = 1.0  # the length of the random direction added to each image's unit feature
-SETTINGS = [("sym", 0.5), ("pair", 0.5)]
+SETTINGS = noise.CURVES  # 50% symmetric and 50% pair noise, where the grid draws its curves
 CLASSIFIERS = ["free class vectors", "coop", "coop, learned names"]
+
+# -----------------------------------------------------------------------------
+# The features and the classifiers.
 
 
 def own_direction(image, dim):
-    """A random unit vector [dim] that depends only on the image's pixels."""
+    """A random unit vector [dim] that depends only on the image's pixels (a 64-bit digest of
+    them seeds its generator)."""
     seed = int.from_bytes(hashlib.blake2b(image.float().numpy().tobytes(), digest_size=8).digest(), "little")
-    return F.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(seed >> 1)), dim=0)
+    return F.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(seed)), dim=0)
 
 
 def instance_rich(encode, detail=DETAIL):
-    """An image encoder: encode's unit features plus detail times each image's own direction."""
+    """An image encoder: encode's unit features plus detail times each image's own direction,
+    normalised again."""
     def encode_rich(images):
         features = F.normalize(encode(images).float(), dim=-1)
         directions = torch.stack([own_direction(image, features.shape[-1]) for image in images])
@@ -65,23 +70,29 @@ def instance_rich(encode, detail=DETAIL):
 
 
 class LearnedNames(dspt.PromptLearner):
-    """CoOp's prompt learner whose class-name tokens are trained too (not the "." and EOT after them)."""
+    """CoOp's prompt learner whose class-name tokens' embeddings are trained too, each class its
+    own (not the "." and EOT after them); dspt.train gives them the context's weight decay."""
 
     def __init__(self, clip, classnames, tokenizer, n_ctx=None):
         super().__init__(clip, classnames, tokenizer, n_ctx)
         prompts = [" ".join(["x"] * len(self.ctx)) + f" {name}." for name in classnames]
         ends = tokenizer.tokenize(prompts, clip.positional_embedding.shape[0]).argmax(dim=-1).tolist()
         suffix_lengths = [end - len(self.ctx) for end in ends]  # name . EOT, as the learner packs them
+        dot = tokenizer.encode(".")
         rows, start = [], 0
-        for length in suffix_lengths:
+        for tokens, end, length in zip(tokenizer.tokenize(prompts), ends, suffix_lengths):
+            if tokens[end - 1:end].tolist() != dot:
+                raise ValueError(f"a class name ends in punctuation that merges with the \".\" after it: {prompts}")
             rows += range(start, start + length - 2)  # the name's tokens
             start += length
-        fixed = self._buffers.pop("suffix_embedding")
+        fixed = self.suffix_embedding
+        del self.suffix_embedding  # a buffer: the fixed embeddings, and the names' rows trained in their place
         self.register_buffer("fixed_suffix", fixed)
         self.register_buffer("name_rows", torch.tensor(rows), persistent=False)
         self.names = torch.nn.Parameter(fixed[self.name_rows].clone())
 
     def text_features(self, ctx=None):
+        # the learner's text_features reads self.suffix_embedding: here made anew from the trained names
         self.suffix_embedding = self.fixed_suffix.index_put((self.name_rows,), self.names)
         return super().text_features(ctx)
 
@@ -93,6 +104,25 @@ def participation_ratio(features, labels):
     spread = torch.cat([features[labels == c] - features[labels == c].mean(dim=0) for c in labels.unique()])
     eigenvalues = torch.linalg.eigvalsh(spread.T.double() @ spread.double())
     return (eigenvalues.sum() ** 2 / (eigenvalues ** 2).sum()).item()
+
+
+# -----------------------------------------------------------------------------
+# The probe: every classifier on both kinds of features, at each task, seed and noise setting.
+
+
+def with_feature_kinds(task, clip, args):
+    """The task with its image encoders and the test features each gives, and zero-shot's
+    accuracy on those."""
+    encoders = {"encoded": clip.encode_image, "instance-rich": instance_rich(clip.encode_image)}
+    tests, zero_shot = {}, {}
+    for features, encode in encoders.items():
+        test = dict(task["test"])
+        if features != "encoded":
+            test["features"] = dspt.encode_images(clip, test["items"], task["preprocess"], args,
+                                                  f"encoding {task['name']} test images", encode)[0]
+        tests[features] = test
+        zero_shot[features] = noise.test_accuracy(clip, test, lambda: task["template"])
+    return {**task, "encoders": encoders, "tests": tests, "zero_shot_by_features": zero_shot}
 
 
 def tune(learner, clip, items, labels, noisy, args, encode, test):
@@ -116,7 +146,7 @@ def probe(task, clip, seed, kind, rate, mode, cache, log):
     true_labels = torch.tensor([label for _, label in items])
     runs = []
     for features, encode in task["encoders"].items():
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             train_features, kept, _ = dspt.encode_images(clip, items, task["preprocess"], args, "encoding", encode)
         cell = {**task, "train_features": (train_features, kept), "test": task["tests"][features]}
         base = {"task": task["name"], "seed": seed, "kind": kind, "rate": rate, "features": features,
@@ -134,23 +164,13 @@ def probe(task, clip, seed, kind, rate, mode, cache, log):
     return runs
 
 
-def prepare(task, clip, args):
-    """The task's image encoders and the test features each gives, with zero-shot's accuracy on them."""
-    encoders = {"encoded": clip.encode_image, "instance-rich": instance_rich(clip.encode_image)}
-    tests, zero_shot = {}, {}
-    for features, encode in encoders.items():
-        test = dict(task["test"])
-        if features != "encoded":
-            test["features"] = dspt.encode_images(clip, test["items"], task["preprocess"], args,
-                                                  f"encoding {task['name']} test images", encode)[0]
-        tests[features] = test
-        zero_shot[features] = noise.test_accuracy(clip, test, lambda: task["template"])
-    return {**task, "encoders": encoders, "tests": tests, "zero_shot_by_features": zero_shot}
+# -----------------------------------------------------------------------------
+# Report and main.
 
 
-def cell_text(runs, key, scale=100, digits=1):
-    """mean ± sample std of key over runs (the seeds), or "-"."""
-    values = [run[key] for run in runs if run.get(key) is not None]
+def cell_text(values, scale=100, digits=1):
+    """mean ± sample std of the values (one a seed), or "-"."""
+    values = [value for value in values if value is not None]
     if not values:
         return "-"
     mean, std, _ = noise.summary([scale * v for v in values])
@@ -158,32 +178,37 @@ def cell_text(runs, key, scale=100, digits=1):
 
 
 def markdown(report):
-    runs, seeds = report["runs"], report["seeds"]
-    lines = ["# What stops cross-entropy prompt tuning from memorising, on bench/noise.py's stand-in", "",
-             f"Mode {report['mode']}, seeds {', '.join(map(str, seeds))}: mean ± sample std over the seeds, in %. "
-             f"{report['epochs']} epochs of dspt.py's training (noise.py's tuning settings); instance-rich "
-             f"features add {report['detail']:g} times a random unit direction of each image's own to its unit feature. "
-             f"{report['seconds']:.0f} s on {report['threads']} CPU thread(s).", ""]
+    runs = report["runs"]
+
+    def values(key, **where):
+        return [r.get(key) for r in runs if all(r[k] == v for k, v in where.items())]
+
+    lines = ["# What keeps cross-entropy prompt tuning from memorising, on bench/noise.py's stand-in", "",
+             f"Mode {report['mode']}, seeds {', '.join(map(str, report['seeds']))}: mean ± sample std over the "
+             f"seeds; fits and accuracies in %. {report['epochs']} epochs of dspt.py's training with noise.py's "
+             f"settings. Instance-rich features: each image's unit feature plus {report['detail']:g} times a "
+             f"random unit direction of its own. {report['seconds']:.0f} s on {report['threads']} CPU thread(s).",
+             ""]
     for name, task in report["tasks"].items():
         lines += [f"## {name} task ({task['classes']} classes)", "",
                   "| features | within-class participation ratio | zero-shot test accuracy |", "|---|---|---|"]
+        (kind, rate), first = report["settings"][0], CLASSIFIERS[0]  # one ratio a seed
         for features, accuracy in task["zero_shot"].items():
-            ratio = cell_text([r for r in runs if (r["task"], r["features"], r["kind"], r["rate"], r["classifier"])
-                               == (name, features, *report["settings"][0], CLASSIFIERS[0])],  # one per seed
-                              "participation_ratio", scale=1)
-            lines.append(f"| {features} | {ratio} | {100 * accuracy:.1f} |")
+            ratio = values("participation_ratio", task=name, features=features, kind=kind, rate=rate,
+                           classifier=first)
+            lines.append(f"| {features} | {cell_text(ratio, scale=1)} | {100 * accuracy:.1f} |")
         for kind, rate in report["settings"]:
             lines += ["", f"At {noise.column_name(kind, rate)} noise:", "",
                       "| features | classifier | wrong labels fitted | most in any epoch | right labels fitted "
                       "| clean test accuracy | prompt cosine |", "|---|---|---|---|---|---|---|"]
             for features in task["zero_shot"]:
                 for classifier in CLASSIFIERS:
-                    cell = [r for r in runs if (r["task"], r["kind"], r["rate"], r["features"], r["classifier"]) ==
-                            (name, kind, rate, features, classifier)]
-                    peak = [{"peak": max(r["memorisation_curve"])} for r in cell if "memorisation_curve" in r]
-                    lines.append(f"| {features} | {classifier} | {cell_text(cell, 'memorisation')} | "
-                                 f"{cell_text(peak, 'peak')} | {cell_text(cell, 'clean_fit')} | {cell_text(cell, 'test_accuracy')} | "
-                                 f"{cell_text(cell, 'text_similarity', scale=1, digits=3)} |")
+                    where = dict(task=name, kind=kind, rate=rate, features=features, classifier=classifier)
+                    peak = [max(curve) for curve in values("memorisation_curve", **where) if curve]
+                    lines.append(" | ".join([
+                        f"| {features}", classifier, cell_text(values("memorisation", **where)), cell_text(peak),
+                        cell_text(values("clean_fit", **where)), cell_text(values("test_accuracy", **where)),
+                        cell_text(values("text_similarity", **where), scale=1, digits=3)]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -199,8 +224,12 @@ def parse_args(argv=None):
     add("--bpe", metavar="PATH", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz; env DSPT_BPE "
                                       "(default: downloaded by dspt.py)")
     add("--seeds", type=int, nargs="+", metavar="SEED", help="default 1 2 3 4 5, or 1 with --quick")
-    add("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
-    return parser.parse_args(argv)
+    add("--threads", type=int, default=1,
+        help="torch CPU threads (default %(default)s, as each of noise.py's workers: the same results to the bit)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
 
 
 def main(argv=None):
@@ -216,12 +245,13 @@ def main(argv=None):
     clip, preprocess = dspt.load_clip(str(checkpoint))
     base = dspt.parse_args(["--data", ".", *noise.TUNING])
     dspt.check_args(base)
-    tasks = {name: prepare(noise.prepare_task(name, noise.downstream_task(args.cache, name), clip, preprocess,
-                                              tokenizer, base), clip, base) for name in noise.TASKS}
+    tasks = {name: with_feature_kinds(noise.prepare_task(name, noise.downstream_task(args.cache, name), clip,
+                                                         preprocess, tokenizer, base), clip, base)
+             for name in noise.TASKS}
     logs = Path(args.cache) / f"logs-{mode}"
     logs.mkdir(parents=True, exist_ok=True)
     runs = []
-    with open(logs / "memorisation.log", "w") as log:
+    with open(logs / f"memorisation-seeds{'-'.join(map(str, seeds))}.log", "w") as log:
         for name, task in tasks.items():
             for seed in seeds:
                 for kind, rate in SETTINGS:
