@@ -24,6 +24,7 @@ Classifiers, each trained on the same samples and labels:
 
     python bench/memorisation.py                                   # seeds 1-5, into bench/results
     python bench/memorisation.py --seeds 6 7 8 9 10 --out bench/results/seeds-6-10
+    python bench/memorisation.py --epochs 100 --out bench/results/epochs-100   # CoOp trained longer
     python bench/memorisation.py --quick      # noise.py's --quick model, 5 epochs, seed 1
 
 Writes memorisation.md (tables) and memorisation.json (every run) into --out. Uses the pretrained
@@ -136,10 +137,10 @@ def tune(learner, clip, items, labels, noisy, args, encode, test):
             "memorisation_curve": [r["train_accuracy_noisy"] for r in history]}
 
 
-def probe(task, clip, seed, kind, rate, mode, cache, log):
+def probe(task, clip, seed, kind, rate, epochs, cache, log):
     """Every classifier on both kinds of features at one (task, seed, noise setting)."""
     args = dspt.parse_args(["--data", str(task["data"]), "--out", str(Path(cache) / "runs"), "--seed", str(seed),
-                            "--epochs", str(noise.EPOCHS[mode]), *noise.TUNING, "--noise", str(rate),
+                            "--epochs", str(epochs), *noise.TUNING, "--noise", str(rate),
                             "--noise-kind", kind])
     dspt.check_args(args)
     items, labels, noisy, _ = dspt.noisy_few_shot(task["train"], len(task["classnames"]), args)
@@ -224,11 +225,12 @@ def parse_args(argv=None):
     add("--bpe", metavar="PATH", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz; env DSPT_BPE "
                                       "(default: downloaded by dspt.py)")
     add("--seeds", type=int, nargs="+", metavar="SEED", help="default 1 2 3 4 5, or 1 with --quick")
+    add("--epochs", type=int, help="CoOp's epochs (default the grid's: 25, or 5 with --quick)")
     add("--threads", type=int, default=1,
         help="torch CPU threads (default %(default)s, as each of noise.py's workers: the same results to the bit)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
+    if args.threads < 1 or (args.epochs is not None and args.epochs < 1):
+        parser.error("--threads and --epochs must be at least 1")
     return args
 
 
@@ -237,7 +239,7 @@ def main(argv=None):
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = Path(args.out or (noise.HERE / "out" / "quick" if args.quick else noise.HERE / "results"))
-    seeds = args.seeds or noise.SEEDS[mode]
+    seeds, epochs = args.seeds or noise.SEEDS[mode], args.epochs or noise.EPOCHS[mode]
     torch.set_num_threads(args.threads)
     start = time.time()
     tokenizer = dspt.load_tokenizer(args.bpe)
@@ -251,12 +253,12 @@ def main(argv=None):
     logs = Path(args.cache) / f"logs-{mode}"
     logs.mkdir(parents=True, exist_ok=True)
     runs = []
-    with open(logs / f"memorisation-seeds{'-'.join(map(str, seeds))}.log", "w") as log:
+    with open(logs / f"memorisation-seeds{'-'.join(map(str, seeds))}-epochs{epochs}.log", "w") as log:
         for name, task in tasks.items():
             for seed in seeds:
                 for kind, rate in SETTINGS:
-                    runs += probe(task, clip, seed, kind, rate, mode, args.cache, log)
-    report = {"mode": mode, "seeds": seeds, "settings": SETTINGS, "epochs": noise.EPOCHS[mode], "detail": DETAIL,
+                    runs += probe(task, clip, seed, kind, rate, epochs, args.cache, log)
+    report = {"mode": mode, "seeds": seeds, "settings": SETTINGS, "epochs": epochs, "detail": DETAIL,
               "pretraining_final_loss": pretraining["final_loss"], "seconds": time.time() - start,
               "threads": args.threads,
               "tasks": {name: {"classes": len(task["classnames"]), "zero_shot": task["zero_shot_by_features"]}

@@ -96,3 +96,10 @@ def test_learned_names_start_as_coop_and_train_only_the_names(tiny_clip_and_toke
     tokens = tokenizer.tokenize([" ".join(["x"] * 4) + f" {name}." for name in names])
     suffix_tokens = torch.cat([row[5:int(row.argmax()) + 1] for row in tokens])  # after SOT and 4 "x"
     assert suffix_tokens[~is_name[:-1]].tolist() == [*tokenizer.encode("."), int(tokens.max())] * 3
+
+
+def test_epochs_and_threads_below_one_are_refused():
+    for flag in ("--epochs", "--threads"):
+        with pytest.raises(SystemExit):
+            memorisation.parse_args([flag, "0"])
+    assert memorisation.parse_args(["--epochs", "100"]).epochs == 100

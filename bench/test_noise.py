@@ -188,7 +188,10 @@ def test_quick_run_pretrains_then_clean_tuning_beats_zero_shot_and_writes_the_re
                 assert named["text_similarity"] != coop["text_similarity"]
     header, *rows = markdown_table((out / "memorisation.md").read_text(), "near task")
     assert header == ["features", "within-class participation ratio", "zero-shot test accuracy"]
-    assert [row[0] for row in rows] == ["encoded", "instance-rich"]
+    assert [row[0] for row in rows[:2]] == ["encoded", "instance-rich"]
+    assert rows[2][:3] == ["features", "classifier", "wrong labels fitted"]  # then a table per noise setting
+    assert [row[:2] for row in rows[3:9]] == [[f, c] for f in ("encoded", "instance-rich")
+                                              for c in memorisation.CLASSIFIERS]
     assert (out / "memorisation.json").is_file()
 
 
