@@ -76,16 +76,15 @@ class LearnedNames(dspt.PromptLearner):
 
     def __init__(self, clip, classnames, tokenizer, n_ctx=None):
         super().__init__(clip, classnames, tokenizer, n_ctx)
-        prompts = [" ".join(["x"] * len(self.ctx)) + f" {name}." for name in classnames]
-        ends = tokenizer.tokenize(prompts, clip.positional_embedding.shape[0]).argmax(dim=-1).tolist()
-        suffix_lengths = [end - len(self.ctx) for end in ends]  # name . EOT, as the learner packs them
-        dot = tokenizer.encode(".")
-        rows, start = [], 0
-        for tokens, end, length in zip(tokenizer.tokenize(prompts), ends, suffix_lengths):
+        n_ctx, dot = len(self.ctx), tokenizer.encode(".")
+        rows, start = [], 0  # the names' rows in the packed suffixes "name . EOT", one class after another
+        for name in classnames:
+            tokens = tokenizer.tokenize(" ".join(["x"] * n_ctx) + f" {name}.", clip.positional_embedding.shape[0])[0]
+            end = int(tokens.argmax())  # EOT has the largest id
             if tokens[end - 1:end].tolist() != dot:
-                raise ValueError(f"a class name ends in punctuation that merges with the \".\" after it: {prompts}")
-            rows += range(start, start + length - 2)  # the name's tokens
-            start += length
+                raise ValueError(f"the class name {name!r} ends in punctuation that merges with the \".\" after it")
+            rows += range(start, start + end - n_ctx - 2)
+            start += end - n_ctx
         fixed = self.suffix_embedding
         del self.suffix_embedding  # a buffer: the fixed embeddings, and the names' rows trained in their place
         self.register_buffer("fixed_suffix", fixed)
