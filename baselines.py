@@ -28,7 +28,6 @@ Sections: ProGrad; NLPrompt (Sinkhorn, the transport split); VisPrompt; ANPrompt
 """
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +65,8 @@ def project_conflicting_gradient(gradient, direction, strength=1.0):
     return gradient - strength * dot / direction.square().sum() * direction
 
 
-class ProGrad:
-    """dspt.train's step_loss for ProGrad, with --loss as the "domain" loss.
+class ProGrad(dspt.PromptTuning):
+    """ProGrad's step for dspt.train, with --loss as the "domain" loss.
 
     Each step takes the gradients of the domain loss and of the KL to zero-shot CLIP's
     prediction (the template's text features) with respect to the context, and projects the
@@ -78,11 +77,11 @@ class ProGrad:
     """
 
     def __init__(self, learner, loss_fn, zero_shot_text_features, scaler, strength=1.0):
-        self.learner, self.loss_fn, self.strength, self.scaler = learner, loss_fn, strength, scaler
-        self.zero_shot_text_features = zero_shot_text_features
+        super().__init__(learner, loss_fn, scaler)
+        self.strength, self.zero_shot_text_features = strength, zero_shot_text_features
         self.conflicts = {}  # epoch -> [steps whose gradients conflicted, steps]
 
-    def step_loss(self, image_features, target, index, epoch):
+    def step(self, image_features, target, index, epoch):
         clip, ctx = self.learner.clip, self.learner.ctx
         logits = clip.logits(image_features, self.learner.text_features())
         with torch.no_grad():
@@ -157,8 +156,8 @@ def transport_labels(logits):
     return sinkhorn(-logits.float().log_softmax(dim=-1)).argmax(dim=-1)
 
 
-class NLPrompt:
-    """dspt.train's step_loss and loss_fn for NLPrompt (PromptOT with PromptMAE).
+class NLPrompt(dspt.PromptTuning):
+    """NLPrompt (PromptOT with PromptMAE) for dspt.train; its loss is also the diagnostics' loss_fn.
 
     At the start of every epoch, the current prompts' logits of all training images go through
     transport_labels; a sample whose transport label equals its given label counts as clean. In
@@ -167,8 +166,9 @@ class NLPrompt:
     kept (dspt.encode_images); labels, noisy: the given labels and the mask of the wrong ones.
     """
 
-    def __init__(self, learner, features, kept, labels, noisy):
-        self.learner, self.features, self.kept = learner, features, kept
+    def __init__(self, learner, features, kept, labels, noisy, scaler=None):
+        super().__init__(learner, self.loss, scaler)
+        self.features, self.kept = features, kept
         self.labels, self.noisy = labels, noisy
         self.clean = torch.ones(len(labels), dtype=torch.bool)
         self.batch_clean = None
@@ -202,7 +202,7 @@ class NLPrompt:
         cross_entropy = F.cross_entropy(logits, target, reduction="none")
         return torch.where(self.batch_clean.to(logits.device), cross_entropy, self.flagged_loss(logits, target)).mean()
 
-    def step_loss(self, image_features, target, index, epoch):
+    def step(self, image_features, target, index, epoch):
         if epoch != self.epoch:
             self.epoch = epoch
             self.split()
@@ -266,14 +266,14 @@ def per_image_logits(clip, image_features, text_features):
 
 
 class VisPrompt(NLPrompt):
-    """dspt.train's step_loss and loss_fn for VisPrompt: every image gets its own context
+    """VisPrompt for dspt.train: every image gets its own context
     (ImageConditionedContext, a submodule of the learner, so trained with ctx), packed into
     prompts for every class as dspt.PromptLearner packs them; each epoch NLPrompt's transport
     split on those logits; cross-entropy for the samples it calls clean, GCE (q = 0.5) for
     the others. Records the split and the mean gate of each epoch."""
 
-    def __init__(self, learner, features, kept, labels, noisy):
-        super().__init__(learner, features, kept, labels, noisy)
+    def __init__(self, learner, features, kept, labels, noisy, scaler=None):
+        super().__init__(learner, features, kept, labels, noisy, scaler)
         clip = learner.clip
         learner.conditioner = ImageConditionedContext(learner.ctx.shape[-1], clip.text_projection.shape[1]).to(
             learner.ctx.device)
@@ -342,8 +342,8 @@ def weak_alignment_loss(logits, clean_logits):
     return (((logits - clean_logits) / spread) ** 2).mean()
 
 
-class ANPrompt(nn.Module):
-    """dspt.train's step_loss and image_encoder for ANPrompt as reconstructed here (its code is
+class ANPrompt(nn.Module, dspt.PromptTuning):
+    """ANPrompt for dspt.train (its step, and its encode: the frozen part of the image encoder) as reconstructed here (its code is
     unreleased; every choice below is inferred from its description).
 
     Noise prompts N [n_ctx, E]: noise_prompts of the class names. Anti-noise prompts: in each of
@@ -357,10 +357,11 @@ class ANPrompt(nn.Module):
     weak_alignment_loss between the two. Predictions use the anti-noise prompts.
     """
 
-    def __init__(self, learner, noise, loss_fn, weight=1.0):
+    def __init__(self, learner, noise, loss_fn, weight=1.0, scaler=None):
         super().__init__()
+        self.scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
         clip, n_ctx = learner.clip, len(learner.ctx)
-        self.learner, self.loss_fn, self.weight = [learner], loss_fn, weight  # a list: not a submodule
+        self.learners, self.loss_fn, self.weight = [learner], loss_fn, weight  # a list: not a submodule
         self.register_buffer("noise", noise.float())
         text_layers, text_width = len(clip.transformer.resblocks), clip.ln_final.weight.shape[0]
         self.text_depth = max(1, text_layers // 2)
@@ -377,14 +378,18 @@ class ANPrompt(nn.Module):
         learner.anprompt = self  # trained with the context
         self.alignment = {}  # epoch -> [sum of the steps' alignment losses, steps]
 
-    def encode_frozen(self, images):
+    @property
+    def learner(self):
+        return self.learners[0]
+
+    def encode(self, images):
         """The image encoder up to its first prompted layer (no prompts before it): frozen."""
-        visual = self.learner[0].clip.visual
+        visual = self.learner.clip.visual
         if not self.vit:
             x = images.to(visual.conv1.weight.dtype, memory_format=torch.channels_last)
-            x = visual.relu1(visual.bn1(visual.conv1(x)))
-            x = visual.relu2(visual.bn2(visual.conv2(x)))
-            x = visual.avgpool(visual.relu3(visual.bn3(visual.conv3(x))))
+            x = F.relu(visual.bn1(visual.conv1(x)))
+            x = F.relu(visual.bn2(visual.conv2(x)))
+            x = visual.avgpool(F.relu(visual.bn3(visual.conv3(x))))
             x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
             return x.flatten(2).transpose(1, 2)  # NCHW -> N(HW)C, the attention pool's input
         x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
@@ -395,8 +400,8 @@ class ANPrompt(nn.Module):
         return x
 
     def image_features(self, frozen, noise=True):
-        """[B, E]: the image feature plus the visual prototype, from encode_frozen's output."""
-        visual, n = self.learner[0].clip.visual, self.vision_tokens.shape[1]
+        """[B, E]: the image feature plus the visual prototype, from encode's output."""
+        visual, n = self.learner.clip.visual, self.vision_tokens.shape[1]
         dtype = visual.conv1.weight.dtype
         prompts = (self.vision_tokens + (self.noise @ self.vision_map if noise else 0)).to(dtype)  # [depth, n, width]
         x = frozen.to(dtype)
@@ -418,7 +423,7 @@ class ANPrompt(nn.Module):
     def text_features(self, noise=True):
         """[C, E]: the learner's packed prompts with the anti-noise prompts added at the context
         positions of the deeper layers."""
-        learner = self.learner[0]
+        learner = self.learner
         clip, n = learner.clip, len(learner.ctx)
         prompts = self.text_tokens + (self.noise @ self.text_map if noise else 0)  # [depth, n, width]
         pieces = torch.cat([learner.sot_embedding, learner.ctx, learner.suffix_embedding])
@@ -432,9 +437,9 @@ class ANPrompt(nn.Module):
         return clip.ln_final(x.flatten(0, 1)[learner.eot_index]) @ clip.text_projection
 
     def logits(self, frozen, noise=True):
-        return self.learner[0].clip.logits(self.image_features(frozen, noise), self.text_features(noise))
+        return self.learner.clip.logits(self.image_features(frozen, noise), self.text_features(noise))
 
-    def step_loss(self, frozen, target, index, epoch):
+    def step(self, frozen, target, index, epoch):
         logits = self.logits(frozen)
         alignment = weak_alignment_loss(logits, self.logits(frozen, noise=False))
         total = self.alignment.setdefault(epoch, [0.0, 0])
@@ -553,30 +558,28 @@ def run(args):
     zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
 
-    learner = dspt.PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    loss_fn, step_loss, method, scaler = dspt.LOSSES[args.loss], None, None, dspt.grad_scaler(args)
-    image_encoder = None
+    learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+    loss_fn, scaler = dspt.LOSSES[args.loss], dspt.grad_scaler(args)
     if args.method == "prograd":
         method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
-        step_loss = method.step_loss
     elif args.method in ("nlprompt", "visprompt"):
         with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
             features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
                                                          "encoding training images for optimal transport")
-        method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy)
-        loss_fn, step_loss = method.loss, method.step_loss
+        method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
+                                                                         scaler)
     elif args.method == "anprompt":
         noise = noise_prompts(clip, tokenizer, classnames, args.template or dataset.template, len(learner.ctx))
-        method = ANPrompt(learner, noise, loss_fn)
-        step_loss, image_encoder = method.step_loss, method.encode_frozen
-    history = dspt.train(learner, train_items, labels, noisy, loss_fn, args, step_loss, scaler,
-                         method and method.epoch_record, Path(args.out) / "checkpoint.pt", image_encoder)
+        method = ANPrompt(learner, noise, loss_fn, scaler=scaler)
+    else:  # coop, upl
+        method = dspt.PromptTuning(learner, loss_fn, scaler)
+    history = dspt.train(method, train_items, labels, noisy, args, Path(args.out) / "checkpoint.pt")
     with torch.no_grad(), dspt.autocast(args):
         if args.method == "visprompt":  # each test image with its own prompts
             logits = torch.cat([method.logits(chunk) for chunk in test_features.split(256)])
         elif args.method == "anprompt":  # each test image through the prompted encoder again
             logits, _, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
-                                                       lambda images: method.logits(method.encode_frozen(images)))
+                                              lambda images: method.logits(method.encode(images)))
         else:
             logits = clip.logits(test_features, learner.text_features())
         final = dspt.accuracy(logits, test_labels)
@@ -597,16 +600,7 @@ def run(args):
 
 def main(argv=None):
     """Train and evaluate; returns the metrics. A user error exits with one line and status 1."""
-    args = parse_args(argv)
-    dspt.reuse_freed_memory()
-    try:
-        if args.classify or args.eval:  # the same as dspt.py's: a prompt does not depend on its method
-            dspt.check_args(args)
-            return dspt.classify(args) if args.classify else dspt.evaluate(args)
-        return run(args)
-    except dspt.UserError as e:
-        print(f"baselines: error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    return dspt.main(argv, "baselines", parse_args, run)
 
 
 if __name__ == "__main__":

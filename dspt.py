@@ -1,19 +1,22 @@
 """
 DSPT: Double-Softmax Prompt Tuning of CLIP on few-shot data with noisy labels.
 
-A single-file reference implementation. It loads OpenAI's CLIP weights into its own
-model code and tokenizer, learns CoOp's shared context vectors on K images per class
-whose labels are partly wrong, and trains them with the double-softmax loss
+A single-file reference implementation. It loads OpenAI's CLIP weights into its own model
+code and tokenizer, learns CoOp's context vectors on K images per class whose labels are
+partly wrong, and trains them with the double-softmax loss
 
     L(z, y) = -log softmax(softmax(z))_y
 
-whose gradient vanishes when CLIP is confident about any class, so that samples CLIP
+whose gradient vanishes when CLIP is confident about any class, so that the images CLIP
 confidently assigns to a class other than their (wrong) label barely move the prompt.
 
     python dspt.py --data ./caltech101 --noise 0.5
 
-Sections, in the order the data flows: tokenizer; CLIP model; loading weights; data and
-label noise; prompt learner; losses; training and evaluation; main.
+Reading order: the method first (the losses and the label noise depend on nothing); then the
+substrate, leaves first: tokenizer, CLIP, loading weights, data; then CoOp's prompt learner as
+CoOp writes it, and the packed learner, a drop-in subclass computing the same features many
+times faster; last, training and the command line. Sibling scripts import this file, never the
+reverse: prepare_data.py (dataset layouts), predict.py (using a prompt), baselines.py, sweep.py.
 """
 
 import argparse
@@ -26,12 +29,10 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
@@ -47,106 +48,69 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-DEFAULT_CACHE = os.environ.get("DSPT_CACHE", os.path.expanduser("~/.cache/clip"))
 
+# -----------------------------------------------------------------------------
+# Losses. Each maps logits [N, C] and labels [N] to the mean loss over the batch.
 
-class UserError(Exception):
-    """A problem with the input that the user can fix; main() prints it as one line."""
+def double_softmax_loss(logits, target):
+    r"""Double-softmax cross-entropy, the DSPT loss (mean over the batch).
 
+        p = softmax(z),   q = softmax(p),   L(z, y) = -log q_y = -p_y + log sum_j exp(p_j)
 
-def warn(message):
-    print(f"dspt: warning: {message}", file=sys.stderr)
+        dL/dz = J (q - e_y),   J = diag(p) - p p^T   (the Jacobian of the first softmax)
 
-
-def reuse_freed_memory():
-    """Have glibc (Linux) keep freed memory for reuse; elsewhere this does nothing.
-
-    By default glibc maps fresh pages from the kernel for every large allocation and hands
-    them back when it is freed, so each training step pays again for the page faults of its
-    large activations: on a CPU that can double the time of a step. With these settings freed
-    memory stays in the process, which keeps its peak size, and the next step reuses it.
+    Cross-entropy of the class probabilities rather than of the logits. Its gradient passes
+    through J, which is positive semi-definite with ||J|| <= trace J = 1 - |p|^2 <= 1 - max_k p_k^2:
+    it vanishes whenever the prediction is confident about any class. A mislabelled sample that
+    CLIP confidently assigns to its true class therefore barely moves the prompt, whereas
+    cross-entropy's gradient p - e_y is largest exactly there. Computed in fp32.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
-    mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1, never give freed heap back
+    return F.cross_entropy(logits.float().softmax(dim=-1), target)
+
+def cross_entropy_loss(logits, target):
+    return F.cross_entropy(logits.float(), target)
+
+def generalized_cross_entropy_loss(logits, target, q=0.5):
+    """GCE (Zhang & Sabuncu 2018), (1 - p_y^q) / q: cross-entropy as q -> 0, MAE at q = 1."""
+    log_p_y = logits.float().log_softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
+    return ((1 - torch.exp(q * log_p_y)) / q).mean()
+
+def mean_absolute_error_loss(logits, target):
+    """MAE between the probabilities and the one-hot label, up to a factor 2: 1 - p_y."""
+    return (1 - logits.float().softmax(dim=-1).gather(1, target[:, None]).squeeze(1)).mean()
 
 
-def progress(items, total, desc, weight=lambda item: 1):
-    """Yield from items, showing a one-line progress display on stderr if it is a terminal."""
-    show, done, start, shown = sys.stderr.isatty(), 0, time.time(), 0.0
-    for item in items:
-        yield item
-        done += weight(item)
-        if show and (time.time() - shown > 0.2 or done >= total):
-            shown = time.time()
-            percent = f"{100 * done / total:3.0f}%" if total else ""
-            print(f"\r{desc} {percent} {done}/{total or '?'} [{shown - start:.0f}s]",
-                  end="", file=sys.stderr, flush=True)
-    if show:
-        print(file=sys.stderr)
+LOSSES = {"dspt": double_softmax_loss, "ce": cross_entropy_loss,
+          "gce": generalized_cross_entropy_loss, "mae": mean_absolute_error_loss}
 
 
-def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside path, then rename it to path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# -----------------------------------------------------------------------------
+# Label noise: the K-shot training labels are corrupted; test labels stay clean.
 
+def inject_label_noise(labels, num_classes, rate, kind="sym", seed=0):
+    """Noisy copy of labels: in each class c exactly round(rate * n_c) samples get a wrong label.
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download(url, path, sha256):
-    """Return path, downloading url there first unless a file with this SHA256 is there."""
-    path = Path(path)
-    if path.is_file():
-        if sha256_of(path) == sha256:
-            return path
-        warn(f"{path} does not match its SHA256; downloading it again")
-
-    def fetch(f):
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            chunks = iter(lambda: response.read(1 << 20), b"")
-            for chunk in progress(chunks, total, f"downloading {path.name}", weight=len):
-                f.write(chunk)
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            raise UserError(f"checksum mismatch for {url}: expected SHA256 {sha256}, got "
-                            f"{digest.hexdigest()}; the download is corrupt, run again")
-
-    try:
-        atomic_write(path, fetch)
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"cannot download {url} ({reason}); fetch it by hand and put it "
-                        f"at {path}") from None
-    return path
+    kind "sym": the wrong label is a uniformly random other class; "pair": y -> (y + 1) mod C.
+    Deterministic for a seed. Returns an int64 numpy array; the input is left unchanged.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"noise rate {rate} is outside [0, 1)")
+    if kind not in ("sym", "pair"):
+        raise ValueError(f"noise kind {kind!r} is not 'sym' or 'pair'")
+    labels = np.asarray(labels, dtype=np.int64)
+    noisy, rng = labels.copy(), np.random.default_rng(seed)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        flipped = rng.choice(members, size=round(rate * len(members)), replace=False)
+        shift = rng.integers(1, num_classes, size=len(flipped)) if kind == "sym" else 1
+        noisy[flipped] = (c + shift) % num_classes
+    return noisy
 
 
 # -----------------------------------------------------------------------------
 # Tokenizer: CLIP's byte-level BPE, identical in output to OpenAI's.
 
-BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
-BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-
 
 def bytes_to_unicode():
     """Map every byte to a printable character, so BPE can work on strings. The printable
@@ -155,7 +119,6 @@ def bytes_to_unicode():
                  *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]  # whitespace and control bytes
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
 
 class Tokenizer:
     def __init__(self, bpe_path):
@@ -187,13 +150,10 @@ class Tokenizer:
             if best not in self.merge_rank:
                 break
             merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
+            while i < len(parts):  # every occurrence of the pair, left to right
+                take = 2 if tuple(parts[i:i + 2]) == best else 1
+                merged.append("".join(parts[i:i + take]))
+                i += take
             parts = merged
         return tuple(parts)
 
@@ -221,93 +181,52 @@ class Tokenizer:
         return result
 
 
-@lru_cache(maxsize=None)
-def load_tokenizer(bpe_path=None, cache_dir=DEFAULT_CACHE):
-    """The tokenizer from bpe_path, $DSPT_BPE, or the merges file fetched into cache_dir."""
-    bpe_path = bpe_path or os.environ.get("DSPT_BPE")
-    if bpe_path and not Path(bpe_path).is_file():
-        raise UserError(f"BPE merges file {bpe_path} does not exist; give the path of "
-                        f"bpe_simple_vocab_16e6.txt.gz, or leave --bpe unset to download it")
-    if not bpe_path:
-        bpe_path = download(BPE_URL, Path(cache_dir) / "bpe_simple_vocab_16e6.txt.gz", BPE_SHA256)
-    try:
-        return Tokenizer(bpe_path)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"cannot read the BPE merges file {bpe_path} ({str(e).splitlines()[0]}); give "
-                        f"the path of bpe_simple_vocab_16e6.txt.gz as it is distributed") from None
-
-
-def tokenize(texts, context_length=77, truncate=False):
-    return load_tokenizer().tokenize(texts, context_length, truncate)
-
-
 # -----------------------------------------------------------------------------
 # CLIP: the image and text encoders. Attribute names equal the checkpoint's keys.
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in at least fp32, so that it also works with fp16 weights and inputs."""
-
     def forward(self, x):
         dtype = torch.promote_types(x.dtype, torch.float32)
         return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
                             self.bias.to(dtype), self.eps).to(x.dtype)
 
-
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
 
-
 class Bottleneck(nn.Module):
     """ResNet bottleneck; strided blocks downsample with an average pool, not a strided conv."""
-
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu3 = nn.ReLU(inplace=True)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
         self.downsample = None
-        if stride > 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * 4)),
-            ]))
+        if stride > 1 or inplanes != planes * 4:  # keys "-1" (no weights), "0" and "1", as in the checkpoint
+            self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)), (
+                "0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)), ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu3(out + identity)
-
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 def split_heads(x, heads):
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # N L D -> N heads L D/heads
 
-
 def merge_heads(x):
     return x.transpose(1, 2).flatten(2)  # N heads L D/heads -> N L D
 
-
 class AttentionPool2d(nn.Module):
     """Attention pooling of a feature map, with the mean feature as the only query."""
-
     def __init__(self, spacial_dim, embed_dim, heads, output_dim):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim)
-        self.heads = heads
+        self.k_proj, self.q_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
+        self.c_proj, self.heads = nn.Linear(embed_dim, output_dim), heads
 
     def forward(self, x):
         x = x.flatten(2).transpose(1, 2)  # NCHW -> N(HW)C
@@ -316,45 +235,35 @@ class AttentionPool2d(nn.Module):
         k, v = split_heads(self.k_proj(x), self.heads), split_heads(self.v_proj(x), self.heads)
         return self.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))[:, 0]
 
-
 class ModifiedResNet(nn.Module):
     """CLIP's ResNet: a 3-conv stem with an average pool, anti-aliased strides, attention pooling."""
-
     def __init__(self, layers, output_dim, heads, input_resolution, width):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
-        self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
-        self.relu2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
-        self.relu3 = nn.ReLU(inplace=True)
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(width // 2), nn.BatchNorm2d(width // 2), nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
         inplanes = width
-        for i, blocks in enumerate(layers):
-            planes, stride = width * 2 ** i, 1 if i == 0 else 2
-            stage = [Bottleneck(inplanes, planes, stride)]
-            stage += [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        for i, blocks in enumerate(layers):  # layer1 .. layer4; each after the first halves the resolution
+            planes = width * 2 ** i
+            setattr(self, f"layer{i + 1}", nn.Sequential(Bottleneck(inplanes, planes, 1 if i == 0 else 2),
+                                                          *[Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]))
             inplanes = planes * 4
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
     def forward(self, x):
         # Channels-last (NHWC) memory: the same convolutions, a quarter faster on a CPU.
         x = x.to(self.conv1.weight.dtype, memory_format=torch.channels_last)
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.attnpool(x)
 
-
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names."""
-
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
@@ -369,28 +278,20 @@ class Attention(nn.Module):
         q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         return self.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
-
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.attn = Attention(width, heads)
-        self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(width * 4, width)),
-        ]))
-        self.ln_2 = LayerNorm(width)
+        self.attn, self.ln_1, self.ln_2 = Attention(width, heads), LayerNorm(width), LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()),
+                                              ("c_proj", nn.Linear(width * 4, width))]))
 
     def forward(self, x, mask=None):
         x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
-
 def causal_mask(length, device=None):
     """[length, length] bool, True where query i may attend to key j: j <= i."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
-
 
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
@@ -403,7 +304,6 @@ class Transformer(nn.Module):
             x = block(x, mask)
         return x
 
-
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
@@ -412,18 +312,15 @@ class VisionTransformer(nn.Module):
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_post = LayerNorm(width)
+        self.ln_pre, self.transformer, self.ln_post = LayerNorm(width), Transformer(width, layers, heads), LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x):
         x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # NCHW -> N(HW)C
-        class_token = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)
-        x = torch.cat([class_token, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
-
 
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
@@ -462,15 +359,19 @@ class CLIP(nn.Module):
 
     def logits(self, image_features, text_features):
         """Scaled cosine similarities [N_images, N_texts], computed in fp32."""
-        image_features = F.normalize(image_features.float(), dim=-1)
-        text_features = F.normalize(text_features.float(), dim=-1)
+        image_features, text_features = F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1)
         return self.logit_scale.exp().float() * image_features @ text_features.T
 
 
-# -----------------------------------------------------------------------------
-# Loading weights: the official checkpoints by name, or a checkpoint file by path.
 
-MODELS = {
+# -----------------------------------------------------------------------------
+# Loading: files and downloads, the tokenizer's merges, CLIP's weights by name or path.
+
+DEFAULT_CACHE = os.environ.get("DSPT_CACHE", os.path.expanduser("~/.cache/clip"))
+BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+MODEL_URL = "https://openaipublic.azureedge.net/clip/models/"
+MODELS = {  # name: "<SHA256>/<file>", as OpenAI publishes them
     "RN50": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
     "RN101": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
     "RN50x4": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
@@ -481,43 +382,95 @@ MODELS = {
     "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-MODEL_URL = "https://openaipublic.azureedge.net/clip/models/"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
+class UserError(Exception):
+    """A problem with the input that the user can fix; main() prints it as one line."""
+def warn(message):
+    print(f"dspt: warning: {message}", file=sys.stderr)
+
+def first_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+def progress(items, total, desc):
+    """Yield from items, showing a one-line progress display on stderr if it is a terminal."""
+    start = time.time()
+    for done, item in enumerate(items, 1):
+        yield item
+        if sys.stderr.isatty():
+            print(f"\r{desc} {done}/{total} [{time.time() - start:.0f}s]", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file beside path, then rename it to path."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+def download(url, path, sha256):
+    """Return path, downloading url there first (verified, atomically) unless a file with this SHA256 is there."""
+    if Path(path).is_file() and sha256_of(path) == sha256:
+        return Path(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256, progress=sys.stderr.isatty())
+    except RuntimeError as e:  # the hash differs
+        raise UserError(f"checksum mismatch for {url}: {first_line(e)}; the download is corrupt, run again") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); fetch it by hand and put it at {path}"
+                        ) from None
+    return Path(path)
+
+@lru_cache(maxsize=None)
+def load_tokenizer(bpe_path=None, cache_dir=DEFAULT_CACHE):
+    """The tokenizer from bpe_path, $DSPT_BPE, or the merges file fetched into cache_dir."""
+    bpe_path = bpe_path or os.environ.get("DSPT_BPE")
+    if bpe_path and not Path(bpe_path).is_file():
+        raise UserError(f"BPE merges file {bpe_path} does not exist; give the path of "
+                        f"bpe_simple_vocab_16e6.txt.gz, or leave --bpe unset to download it")
+    bpe_path = bpe_path or download(BPE_URL, Path(cache_dir) / "bpe_simple_vocab_16e6.txt.gz", BPE_SHA256)
+    try:
+        return Tokenizer(bpe_path)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read the BPE merges file {bpe_path} ({first_line(e)}); give "
+                        f"the path of bpe_simple_vocab_16e6.txt.gz as it is distributed") from None
 
 def count_blocks(state_dict, prefix):
     return len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
 
-
 def build_model(state_dict):
     """A CLIP whose architecture is read off the state dict's shapes, with those weights."""
-    state_dict = {k: v for k, v in state_dict.items()
-                  if k not in ("input_resolution", "context_length", "vocab_size")}
+    state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.proj" in state_dict:  # ViT
         vision_width = state_dict["visual.conv1.weight"].shape[0]
         vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
         vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
-        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        image_resolution = vision_patch_size * grid
+        image_resolution = vision_patch_size * round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     else:  # ModifiedResNet
         vision_layers = tuple(count_blocks(state_dict, f"visual.layer{b}") for b in (1, 2, 3, 4))
         vision_width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
-        grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        vision_patch_size, image_resolution = None, grid * 32
-    transformer_width = state_dict["ln_final.weight"].shape[0]
-    model = CLIP(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=image_resolution, vision_layers=vision_layers,
-        vision_width=vision_width, vision_patch_size=vision_patch_size,
-        context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=state_dict["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width, transformer_heads=transformer_width // 64,
-        transformer_layers=count_blocks(state_dict, "transformer.resblocks"),
-    )
+        vision_patch_size = None
+        image_resolution = 32 * round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    width = state_dict["ln_final.weight"].shape[0]
+    model = CLIP(state_dict["text_projection"].shape[1], image_resolution, vision_layers, vision_width,
+                 vision_patch_size, context_length=state_dict["positional_embedding"].shape[0],
+                 vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=width,
+                 transformer_heads=width // 64, transformer_layers=count_blocks(state_dict, "transformer.resblocks"))
     model.load_state_dict(state_dict)
     return model
-
 
 def convert_weights(model, dtype):
     """Cast the matrix weights (convolutions, linear layers, attention, the two projections) to
@@ -531,7 +484,6 @@ def convert_weights(model, dtype):
             parameter.data = parameter.data.to(dtype)
     return model
 
-
 def read_state_dict(path):
     """The state dict of a TorchScript archive (the official format) or a plain state-dict file."""
     try:
@@ -544,81 +496,61 @@ def read_state_dict(path):
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read {path}: it is neither a TorchScript archive nor a "
-                        f"state-dict file ({str(e).splitlines()[0]})") from None
+                        f"state-dict file ({first_line(e)})") from None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return state_dict
 
-
 def image_transform(resolution, augment=False):
     """CLIP's preprocessing; with augment, CoOp's random resized crop and flip instead."""
-    if augment:
-        geometry = [transforms.RandomResizedCrop(resolution, scale=(0.08, 1.0),
-                                                 interpolation=transforms.InterpolationMode.BICUBIC),
-                    transforms.RandomHorizontalFlip()]
-    else:
-        geometry = [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-                    transforms.CenterCrop(resolution)]
+    bicubic = transforms.InterpolationMode.BICUBIC
+    geometry = ([transforms.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=bicubic),
+                 transforms.RandomHorizontalFlip()] if augment else
+                [transforms.Resize(resolution, interpolation=bicubic), transforms.CenterCrop(resolution)])
     return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-
 
 def load_clip(name_or_path, device="cpu", cache_dir=DEFAULT_CACHE):
     """(model, preprocess): CLIP frozen in eval mode in fp32, and its image preprocessing."""
     if name_or_path in MODELS:
-        digest_and_file = MODELS[name_or_path]
-        path = download(MODEL_URL + digest_and_file, Path(cache_dir) / digest_and_file.split("/")[1],
-                        sha256=digest_and_file.split("/")[0])
+        digest, file = MODELS[name_or_path].split("/")
+        path = download(MODEL_URL + MODELS[name_or_path], Path(cache_dir) / file, sha256=digest)
     elif Path(name_or_path).is_file():
         path = name_or_path
     else:
-        raise UserError(f"unknown backbone {name_or_path!r}: use one of {', '.join(MODELS)} "
-                        f"or the path of a checkpoint file")
-    state_dict = read_state_dict(path)
+        raise UserError(f"unknown backbone {name_or_path!r}: use one of {', '.join(MODELS)} or the path of a "
+                        f"checkpoint file")
     try:
-        model = build_model(state_dict)
+        model = build_model(read_state_dict(path))
     except (KeyError, RuntimeError) as e:
-        raise UserError(f"{path} is not a CLIP checkpoint ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path} is not a CLIP checkpoint ({first_line(e)})") from None
     model = model.float().to(device).eval().requires_grad_(False)
     return model, image_transform(model.visual.input_resolution)
 
 
 # -----------------------------------------------------------------------------
-# Data: CoOp's benchmark datasets from their split files, or any folder of class folders.
+# Data: a CoOp split file and its images, or a folder of class folders. prepare_data.py lays out
+# the rest so (torchvision's downloads, FGVCAircraft's lists, ImageNet's folders).
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_FILES_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
-
-# The datasets of CoOp's protocol: the file that defines the split (FGVCAircraft: its official
-# lists; ImageNet: its class names and train/ and val/ folders), the folders under --data that
-# may hold the images (CoOp's layout first, then torchvision's download), CoOp's zero-shot
-# template, and the torchvision class that can still download the images.
-DATASETS = {
-    "Caltech101": ("split_zhou_Caltech101.json", ["101_ObjectCategories", "caltech101/101_ObjectCategories"],
-                   "a photo of a {}.", "Caltech101"),
-    "OxfordPets": ("split_zhou_OxfordPets.json", ["images", "oxford-iiit-pet/images"],
-                   "a photo of a {}, a type of pet.", "OxfordIIITPet"),
-    "StanfordCars": ("split_zhou_StanfordCars.json", [".", "stanford_cars"], "a photo of a {}.", None),
-    "Flowers102": ("split_zhou_OxfordFlowers.json", ["jpg", "flowers-102/jpg"],
-                   "a photo of a {}, a type of flower.", "Flowers102"),
-    "Food101": ("split_zhou_Food101.json", ["images", "food-101/images"],
-                "a photo of {}, a type of food.", "Food101"),
-    "FGVCAircraft": ("variants.txt", ["images", "fgvc-aircraft-2013b/data/images"],
-                     "a photo of a {}, a type of aircraft.", "FGVCAircraft"),
-    "SUN397": ("split_zhou_SUN397.json", ["SUN397"], "a photo of a {}.", None),
-    "DTD": ("split_zhou_DescribableTextures.json", ["images", "dtd/images", "dtd/dtd/images"],
-            "{} texture.", "DTD"),
-    "EuroSAT": ("split_zhou_EuroSAT.json", ["2750", "eurosat/2750"], "a centered satellite photo of {}.", "EuroSAT"),
-    "UCF101": ("split_zhou_UCF101.json", ["UCF-101-midframes"], "a photo of a person doing {}.", None),
-    "ImageNet": ("classnames.txt", ["images", "."], "a photo of a {}.", None),
+DATASETS = {  # CoOp's benchmark: each dataset's split file, the image folder beside it, its zero-shot template
+    "Caltech101": ("split_zhou_Caltech101.json", "101_ObjectCategories", "a photo of a {}."),
+    "OxfordPets": ("split_zhou_OxfordPets.json", "images", "a photo of a {}, a type of pet."),
+    "StanfordCars": ("split_zhou_StanfordCars.json", ".", "a photo of a {}."),
+    "Flowers102": ("split_zhou_OxfordFlowers.json", "jpg", "a photo of a {}, a type of flower."),
+    "Food101": ("split_zhou_Food101.json", "images", "a photo of {}, a type of food."),
+    "FGVCAircraft": ("split_FGVCAircraft.json", "images", "a photo of a {}, a type of aircraft."),
+    "SUN397": ("split_zhou_SUN397.json", "SUN397", "a photo of a {}."),
+    "DTD": ("split_zhou_DescribableTextures.json", "images", "{} texture."),
+    "EuroSAT": ("split_zhou_EuroSAT.json", "2750", "a centered satellite photo of {}."),
+    "UCF101": ("split_zhou_UCF101.json", "UCF-101-midframes", "a photo of a person doing {}."),
+    "ImageNet": ("split_ImageNet.json", "images", "a photo of a {}."),
 }
-IN_CLASS_FOLDERS = {"Caltech101", "Food101", "DTD", "EuroSAT", "UCF101"}  # the others need their split file
-CALTECH_DROPPED = {"BACKGROUND_Google", "Faces_easy"}
+CALTECH_DROPPED = {"BACKGROUND_Google", "Faces_easy"}  # CoOp's reading of Caltech101's class folders
 CALTECH_RENAMED = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 SPLIT_SEED = 1  # a split made here is the same for every --seed, as a split file is
 
-
-class Dataset(NamedTuple):
-    """What a run takes from --data; an item is (image path, label)."""
+class Dataset(NamedTuple):  # what a run takes from --data; an item is (image path, label)
     classnames: list
     train: list
     test: list
@@ -626,172 +558,82 @@ class Dataset(NamedTuple):
     name: str      # one of DATASETS, or "image folder"
     template: str  # CoOp's zero-shot prompt for it
 
-
 def class_folders(root):
     return sorted(d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
-
 
 def images_in(folder):
     return sorted(Path(directory) / name for directory, _, names in os.walk(folder)
                   for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES)
 
-
 def split_per_class(items, num_classes, fractions=(0.5, 0.2)):
-    """Per-class split into train, val and test: 50%, 20% and the remaining 30%, seeded with
-    SPLIT_SEED, so that only the few-shot sample varies with --seed."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    train, test = [], []
+    """(train, test): per class, 50% train, 20% val (unused) and 30% test, seeded with SPLIT_SEED."""
+    rng, train, test = np.random.default_rng(SPLIT_SEED), [], []
     for c in range(num_classes):
         members = [items[i] for i in rng.permutation(len(items)) if items[i][1] == c]
         n_train, n_val = round(fractions[0] * len(members)), round(fractions[1] * len(members))
-        train += members[:n_train]
-        test += members[n_train + n_val:]
+        train, test = train + members[:n_train], test + members[n_train + n_val:]
     return train, test
 
-
-def file_record(*paths):
-    return ", ".join(f"{path.name} (sha256 {sha256_of(path)})" for path in paths)
-
-
-def read_split_file(split_file, image_folders):
-    """(classnames, train, test, split) from a CoOp split file {"train": [[path, label, class
-    name], ...], "val": [...], "test": [...]}: the paths are relative to the first of
-    image_folders that holds the first one; a "_" in a class name is read as a space."""
-    try:
-        split = json.loads(split_file.read_text())
-        entries = {part: [(path, int(label), name) for path, label, name in split[part]] for part in ("train", "test")}
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{split_file} is not a split file in CoOp's format ({type(e).__name__}: {e}); "
-                        f"download it again ({SPLIT_FILES_URL})") from None
-    names = {}
-    for _, label, name in entries["train"] + entries["test"]:
-        if names.setdefault(label, name) != name:
-            raise UserError(f"{split_file} calls label {label} both {names[label]!r} and {name!r}; the file "
-                            f"is damaged, download it again ({SPLIT_FILES_URL})")
-    if sorted(names) != list(range(len(names))):
-        raise UserError(f"{split_file} has labels {sorted(names)[:5]}... that are not 0 to {len(names) - 1}; "
-                        f"the file is damaged, download it again ({SPLIT_FILES_URL})")
-    first = entries["train"][0][0] if entries["train"] else ""
-    images = next((folder for folder in image_folders if (folder / first).is_file()), image_folders[0])
-    missing = [images / path for path, _, _ in entries["train"] + entries["test"] if not (images / path).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} of the images {split_file.name} names are missing, e.g. {missing[0]}; "
-                        f"put the dataset's images in {images}")
-    classnames = [names[label].replace("_", " ") for label in range(len(names))]
-    train, test = ([(images / path, label) for path, label, _ in entries[part]] for part in ("train", "test"))
-    return classnames, train, test, file_record(split_file)
-
-
-def read_aircraft(lists):
-    """FGVCAircraft from its official lists, as CoOp reads them: variants.txt names the classes in
-    label order; images_variant_{train,test}.txt give "<image id> <variant>" for images/<id>.jpg."""
-    classnames = [line for line in (lists / "variants.txt").read_text().splitlines() if line]
-    label = {name: c for c, name in enumerate(classnames)}
-
-    def items(part):
-        lines = (lists / f"images_variant_{part}.txt").read_text().splitlines()
-        return [(lists / "images" / f"{image}.jpg", label[variant])
-                for image, variant in (line.split(" ", 1) for line in lines if line)]
-    record = file_record(*(lists / f"images_variant_{part}.txt" for part in ("train", "test")))
-    return classnames, items("train"), items("test"), record
-
-
-def read_imagenet(root, image_folders):
-    """ImageNet: train/<wnid>/ and val/<wnid>/ (val is the test set), labels in the sorted order
-    of the wnids, class names from classnames.txt lines "<wnid> <class name>"."""
-    images = next((folder for folder in image_folders if (folder / "train").is_dir() and (folder / "val").is_dir()),
-                  None)
-    if images is None:
-        raise UserError(f"{root} has ImageNet's classnames.txt but no train/ and val/ folders in {root / 'images'} "
-                        f"or {root}; put ImageNet's class folders there")
-    names = dict(line.split(" ", 1) for line in (root / "classnames.txt").read_text().splitlines() if line)
-    wnids = [folder.name for folder in class_folders(images / "train")]
-    for wnid in wnids:
-        if wnid not in names:
-            raise UserError(f"{root / 'classnames.txt'} has no line for the folder {images / 'train' / wnid}; "
-                            f"use CoOp's classnames.txt ({SPLIT_FILES_URL}), which names all 1000 classes")
-    if [folder.name for folder in class_folders(images / "val")] != wnids:
-        raise UserError(f"{images / 'val'} must hold the same class folders as {images / 'train'}")
-    train, test = ([(path, c) for c, wnid in enumerate(wnids) for path in images_in(images / part / wnid)]
-                   for part in ("train", "val"))
-    return [names[wnid] for wnid in wnids], train, test, f"folders {images.name}/train and {images.name}/val"
-
-
 def read_class_folders(folder, dropped=(), renamed=None):
-    """(classnames, train, test, split): a folder of class folders, split here per class."""
+    """(classnames, train, test, split) of a folder of class folders; "_" in a name is a space."""
     folders = [d for d in class_folders(folder) if d.name not in dropped]
     items = [(path, c) for c, d in enumerate(folders) for path in images_in(d)]
     classnames = [(renamed or {}).get(d.name, d.name).replace("_", " ") for d in folders]
     return classnames, *split_per_class(items, len(folders)), f"generated, seed {SPLIT_SEED}"
 
-
-def load_dataset(root, download=None):
-    """The Dataset in root: one of CoOp's benchmark, recognised by the file that defines its
-    split or else by its image folder; or any folder of class folders (see build_parser)."""
-    root = Path(root)
-    if download and not root.exists():
-        download_dataset(download, root)
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist; give an existing folder, or add "
-                        f"--download NAME to fetch a dataset into it")
-    for name, (split_name, folders, template, _) in DATASETS.items():
-        found = [root / folder for folder in folders if (root / folder).is_dir()]
-        if name == "FGVCAircraft":  # the official lists lie beside the image folder
-            lists = next((images.parent for images in found if (images.parent / split_name).is_file()), None)
-            if lists:
-                return Dataset(*read_aircraft(lists), name, template)
-        elif (root / split_name).is_file():
-            read = read_imagenet(root, found) if name == "ImageNet" else read_split_file(
-                root / split_name, found or [root / folders[0]])
-            return Dataset(*read, name, template)
-    # No split file: a benchmark dataset's own image folder, or a plain folder of class folders.
-    for name, (split_name, folders, template, _) in DATASETS.items():
-        images = next((root / f for f in folders if f not in (".", "images") and (root / f).is_dir()), None)
-        if images:
-            if name not in IN_CLASS_FOLDERS:
-                raise UserError(f"{images} holds {name}'s images but {root / split_name} is missing; download "
-                                f"CoOp's split file ({SPLIT_FILES_URL}) into {root}")
-            caltech = (CALTECH_DROPPED, CALTECH_RENAMED) if name == "Caltech101" else ()
-            read = read_class_folders(images, *caltech)
-            names = "CoOp's renaming of the folders" if caltech else "the folder names"
-            warn(f"{root} has no {split_name}: the split is made here (50/20/30 per class, seed {SPLIT_SEED}), "
-                 f"class names from {names}, so results do not compare with published ones; put CoOp's "
-                 f"split file there ({SPLIT_FILES_URL})")
-            return Dataset(*read, name, template)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        names = [d.name for d in class_folders(root / "train")]
-        if [d.name for d in class_folders(root / "test")] != names:
-            raise UserError(f"{root}/train and {root}/test must hold the same class folders")
-        train, test = ([(path, c) for c, name in enumerate(names) for path in images_in(root / part / name)]
-                       for part in ("train", "test"))
-        read = [name.replace("_", " ") for name in names], train, test, "folders train and test"
-    else:
-        read = read_class_folders(root)
-        if len(read[0]) >= 2:
-            warn(f"{root} has no split file: the split is made here (50/20/30 per class, seed {SPLIT_SEED})")
-    if len(read[0]) < 2 or not read[1] or not read[2]:
-        raise UserError(f"data folder {root} holds no usable dataset: it needs a CoOp split file and its "
-                        f"images, or at least two class folders of images (see --help for the layouts)")
-    return Dataset(*read, "image folder", "a photo of a {}.")
-
-
-def download_dataset(name, root):
-    """Fetch a dataset's images through torchvision into the new folder root, atomically."""
-    split_name, folders, _, torchvision_class = DATASETS[name]
-    if torchvision_class is None:
-        raise UserError(f"torchvision cannot download {name}; put its images in {root / folders[0]} and CoOp's "
-                        f"{split_name} in {root} ({SPLIT_FILES_URL})")
-    import torchvision.datasets
-    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None, prefix=f".{root.name}."))
+def read_split_file(split_file, images):
+    """(classnames, train, test, split) from a CoOp split file {"train": [[path, label, class name],
+    ...], "val": [...], "test": [...]}, paths relative to the folder images; "_" in a name is a space."""
+    damaged = f"download it again ({SPLIT_FILES_URL}), or make it again with prepare_data.py"
     try:
-        getattr(torchvision.datasets, torchvision_class)(str(tmp), download=True)
-        os.replace(tmp, root)
-    except Exception as e:
-        raise UserError(f"cannot download {name} ({str(e).splitlines()[0]}); fetch it by hand and unpack "
-                        f"it so that {root / folders[-1]} exists") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        split = json.loads(split_file.read_text())
+        entries = [(part, path, int(label), name) for part in ("train", "test") for path, label, name in split[part]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{split_file} is not a split file in CoOp's format ({type(e).__name__}: {e}); {damaged}") from None
+    names = {}
+    for _, _, label, name in entries:
+        if names.setdefault(label, name) != name:
+            raise UserError(f"{split_file} calls label {label} both {names[label]!r} and {name!r}; {damaged}")
+    if sorted(names) != list(range(len(names))):
+        raise UserError(f"{split_file} has labels {sorted(names)[:5]}... that are not 0 to {len(names) - 1}; {damaged}")
+    missing = [images / path for _, path, _, _ in entries if not (images / path).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of the images {split_file.name} names are missing, e.g. {missing[0]}; put "
+                        f"them in {images}, or if they lie as torchvision downloads them, run: python prepare_data.py "
+                        f"{split_file.parent}")
+    if split.get("made_by"):  # prepare_data.py's split of a dataset that CoOp gives no split file for
+        warn(f"{split_file.name}: {split['made_by']}")
+    train, test = ([(images / path, label) for part, path, label, _ in entries if part == p] for p in ("train", "test"))
+    classnames = [names[label].replace("_", " ") for label in range(len(names))]
+    return classnames, train, test, f"{split_file.name} (sha256 {sha256_of(split_file)})"
 
+def load_dataset(root):
+    """The Dataset in root: a CoOp split file and its images, or a folder of class folders (also CoOp's
+    Caltech101 folder without its split file), split here."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist; give an existing folder, or fetch one of CoOp's "
+                        f"datasets into it with: python prepare_data.py {root} --download NAME")
+    for name, (split_name, images, template) in DATASETS.items():
+        if (root / split_name).is_file():
+            return Dataset(*read_split_file(root / split_name, root / images), name, template)
+    if (root / "split.json").is_file():  # prepare_data.py's, of DIR/train and DIR/test folders of class folders
+        return Dataset(*read_split_file(root / "split.json", root), "image folder", "a photo of a {}.")
+    if (root / "101_ObjectCategories").is_dir():
+        read, name = read_class_folders(root / "101_ObjectCategories", CALTECH_DROPPED, CALTECH_RENAMED), "Caltech101"
+    elif any((root / marker).exists() for marker in ("images", "jpg", "2750", "SUN397", "UCF-101-midframes",
+                                                     "train", "variants.txt", "classnames.txt")):
+        raise UserError(f"{root} holds a dataset in a layout dspt.py does not read; put CoOp's split file there "
+                        f"({SPLIT_FILES_URL}), or run: python prepare_data.py {root}")
+    else:
+        read, name = read_class_folders(root), "image folder"
+    if len(read[0]) < 2 or not read[1] or not read[2]:
+        raise UserError(f"data folder {root} holds no usable dataset: it needs a CoOp split file and its images, or "
+                        f"at least two class folders of images; if it holds one of CoOp's datasets as torchvision "
+                        f"downloads it, run: python prepare_data.py {root}")
+    warn(f"{root} has no split file: the split is made here (50/20/30 per class, seed {SPLIT_SEED}), so results "
+         f"do not compare with published ones")
+    return Dataset(*read, name, DATASETS["Caltech101"][2] if name == "Caltech101" else "a photo of a {}.")
 
 def read_image(path):
     """The image as RGB, or None if it cannot be read or decoded."""
@@ -801,14 +643,11 @@ def read_image(path):
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
-
 def sample_few_shot(items, num_classes, shots, seed):
     """Up to `shots` readable images per class, chosen at random; returns (items, n_unreadable)."""
-    rng = np.random.default_rng(seed)
-    by_class = [[] for _ in range(num_classes)]
+    rng, by_class, chosen, unreadable = np.random.default_rng(seed), [[] for _ in range(num_classes)], [], 0
     for item in items:  # one pass, however many items (ImageNet has 1.28M)
         by_class[item[1]].append(item)
-    chosen, unreadable = [], 0
     for c, members in enumerate(by_class):
         found = []
         for i in rng.permutation(len(members)):
@@ -819,15 +658,12 @@ def sample_few_shot(items, num_classes, shots, seed):
             else:
                 found.append(members[i])
         if len(found) < shots:
-            warn(f"class {c} has only {len(found)} readable training images, fewer than "
-                 f"--shots {shots}; using those")
+            warn(f"class {c} has only {len(found)} readable training images, fewer than --shots {shots}; using those")
         chosen += found
     return chosen, unreadable
 
-
 class ImageDataset(torch.utils.data.Dataset):
-    """(image, label, index); an unreadable image gives None and is dropped by collate()."""
-
+    """(image, label, index); an unreadable image gives None, which collate() drops and counts."""
     def __init__(self, items, transform):
         self.items, self.transform = items, transform
 
@@ -835,56 +671,69 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        path, label = self.items[index]
-        image = read_image(path)
-        return None if image is None else (self.transform(image), label, index)
-
+        image = read_image(self.items[index][0])
+        return None if image is None else (self.transform(image), self.items[index][1], index)
 
 def collate(batch):
     kept = [sample for sample in batch if sample is not None]
     images, labels, indices = zip(*kept) if kept else ([], [], [])
-    return (torch.stack(images) if kept else None, torch.tensor(labels),
-            torch.tensor(indices), len(batch) - len(kept))
+    return torch.stack(images) if kept else None, torch.tensor(labels), torch.tensor(indices), len(batch) - len(kept)
 
 
 # -----------------------------------------------------------------------------
-# Label noise: the K-shot training labels are corrupted; test labels stay clean.
-
-def inject_label_noise(labels, num_classes, rate, kind="sym", seed=0):
-    """Noisy copy of labels: in each class c exactly round(rate * n_c) samples get a wrong label.
-
-    kind "sym": the wrong label is a uniformly random other class; "pair": y -> (y + 1) mod C.
-    Deterministic for a seed. Returns an int64 numpy array; the input is left unchanged.
-    """
-    if not 0 <= rate < 1:
-        raise ValueError(f"noise rate {rate} is outside [0, 1)")
-    if kind not in ("sym", "pair"):
-        raise ValueError(f"noise kind {kind!r} is not 'sym' or 'pair'")
-    labels = np.asarray(labels, dtype=np.int64)
-    noisy, rng = labels.copy(), np.random.default_rng(seed)
-    for c in range(num_classes):
-        members = np.flatnonzero(labels == c)
-        flipped = rng.choice(members, size=round(rate * len(members)), replace=False)
-        shift = rng.integers(1, num_classes, size=len(flipped)) if kind == "sym" else 1
-        noisy[flipped] = (c + shift) % num_classes
-    return noisy
-
-
-# -----------------------------------------------------------------------------
-# Prompt learner (CoOp): "[SOT] ctx_1 .. ctx_n <class name> . [EOT]" with learned ctx.
+# Prompt learners (CoOp): "[SOT] ctx_1 .. ctx_n <class name> . [EOT]" with learned ctx.
 
 class PromptLearner(nn.Module):
-    """Context vectors shared by all classes, and the text features of the prompts they make.
+    """CoOp's prompt learner: context vectors shared by all classes, and the text features of the
+    prompts they make, computed as CoOp computes them: every class's whole prompt, tokenized with an
+    "x" for each context vector, whose embedding ctx replaces, through the text transformer.
 
-    Only `ctx` is trained; `clip` stays frozen. The context starts as n_ctx vectors of
-    N(0, 0.02) noise (CoOp), or as the word embeddings of ctx_init; n_ctx is then its number
-    of tokens (CoOp), or, if larger, the words come after n_ctx - (that number) zero vectors
-    (ProGrad's "a photo of a" padded to 16).
+    Only `ctx` is trained; `clip` stays frozen. The context starts as n_ctx vectors of N(0, 0.02)
+    noise (CoOp), or as the word embeddings of ctx_init; n_ctx is then its number of tokens (CoOp),
+    or, if larger, the words come after zero vectors (ProGrad's "a photo of a" padded to 16).
+    """
+    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
+        super().__init__()
+        self.clip, self.classnames = clip, list(classnames)
+        embed, context_length, device = clip.token_embedding, clip.positional_embedding.shape[0], clip.ln_final.weight.device
+        ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
+        if ctx_init:
+            try:
+                init_tokens = tokenizer.tokenize(ctx_init, context_length)[0]
+            except ValueError:
+                raise UserError(f"--ctx-init {ctx_init!r} is longer than the text context of {context_length} "
+                                f"tokens; give a few words such as \"a photo of a\"") from None
+            n_words = int(init_tokens.argmax()) - 1  # EOT has the largest id
+            if not 0 < n_words <= (n_ctx or n_words):
+                raise UserError(f"--ctx-init {ctx_init!r} is {n_words} tokens, which does not fit --n-ctx {n_ctx}; "
+                                f"give at least one word and an --n-ctx of at least {n_words}")
+            words = embed(init_tokens[1:1 + n_words].to(device)).detach().float()
+            ctx = torch.cat([torch.zeros((n_ctx or n_words) - n_words, embed.embedding_dim, device=device), words])
+        self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
+        try:
+            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name}." for name in classnames], context_length)
+        except ValueError as e:
+            raise UserError(f"a prompt does not fit: {e}") from None
+        self.register_buffer("tokens", tokens.to(device), persistent=False)  # [C, context_length]
 
-    CoOp runs every class's whole prompt "[SOT] ctx_1 .. ctx_n name . [EOT]", padded to 77
-    tokens, through the text transformer, forward and backward, at every step. This computes
-    the same features (up to rounding) with a fraction of the work, by packing the prompts
-    into rows
+    def text_features(self, ctx=None):
+        """[C, embed_dim], differentiable with respect to ctx; or, given contexts [B, n_ctx, D] (one
+        per image, as instance-conditioned methods make them), [B, C, embed_dim]."""
+        clip, ctx = self.clip, self.ctx if ctx is None else ctx
+        (n_classes, length), batch = self.tokens.shape, ctx.shape[:-2]  # batch: () or (B,)
+        embedding = clip.token_embedding(self.tokens).detach().expand(*batch, -1, -1, -1)  # [..., C, L, D]
+        x = torch.cat([embedding[..., :1, :], ctx[..., None, :, :].expand(*batch, n_classes, -1, -1),
+                       embedding[..., 1 + ctx.shape[-2]:, :]], dim=-2)  # SOT, ctx, "name . EOT" and padding
+        x = (x + clip.positional_embedding).to(clip.dtype).reshape(-1, length, x.shape[-1])
+        x = clip.transformer(x, causal_mask(length, x.device)).reshape(*batch, n_classes, length, -1)
+        x = x[..., torch.arange(n_classes), self.tokens.argmax(dim=-1), :]  # each prompt's EOT (the largest id)
+        return clip.ln_final(x) @ clip.text_projection
+
+class PackedPromptLearner(PromptLearner):
+    """PromptLearner's features, the same up to rounding, with a fraction of the work.
+
+    PromptLearner runs every class's whole prompt, padded to 77 tokens, through the text
+    transformer, forward and backward, at every step. This packs the prompts into rows
 
         [SOT] ctx_1 .. ctx_n  dog . [EOT]  great white shark . [EOT]  yin yang . [EOT] ...
 
@@ -897,49 +746,18 @@ class PromptLearner(nn.Module):
     computed once per row instead of once per class; and the padding after the EOT, which
     the causal mask keeps from affecting it, is not computed at all.
     """
-
     def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
-        super().__init__()
-        self.clip, self.classnames = clip, list(classnames)
-        embed = clip.token_embedding
-        device, context_length = embed.weight.device, clip.positional_embedding.shape[0]
-        if ctx_init:
-            try:
-                init_tokens = tokenizer.tokenize(ctx_init, context_length)[0]
-            except ValueError:
-                raise UserError(f"--ctx-init {ctx_init!r} is longer than the text context of "
-                                f"{context_length} tokens; give a few words such as \"a photo of a\"") from None
-            n_words = int(init_tokens.argmax()) - 1  # EOT has the largest id
-            n_ctx = n_ctx or n_words
-            if not 0 < n_words <= n_ctx:
-                raise UserError(f"--ctx-init {ctx_init!r} is {n_words} tokens, which does not fit "
-                                f"--n-ctx {n_ctx}; give at least one word and an --n-ctx of at least {n_words}")
-            with torch.no_grad():
-                words = embed(init_tokens[1:1 + n_words].to(device)).float()
-            ctx = torch.cat([torch.zeros(n_ctx - n_words, embed.embedding_dim, device=device), words])
-        else:
-            ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
-        n_ctx = len(ctx)
-        self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
-        # Every "x" stands for one context vector; its embedding is replaced by ctx.
-        prompts = [" ".join(["x"] * n_ctx) + f" {name}." for name in classnames]
-        try:
-            tokens = tokenizer.tokenize(prompts, context_length)
-        except ValueError as e:
-            raise UserError(f"a prompt does not fit: {e}") from None
-        n_prefix, ends = 1 + n_ctx, tokens.argmax(dim=-1).tolist()  # EOT has the largest id
-        suffixes = [row[n_prefix:end + 1] for row, end in zip(tokens, ends)]  # name . EOT
-        with torch.no_grad():
-            self.register_buffer("sot_embedding", embed(tokens[:1, 0].to(device)))  # [1, D]
-            suffix_embedding = embed(torch.cat(suffixes).to(device))  # [sum of lengths, D]
-            self.register_buffer("suffix_embedding", F.pad(suffix_embedding, (0, 0, 0, 1)))  # + padding
+        super().__init__(clip, classnames, tokenizer, n_ctx, ctx_init)
+        n_prefix, ends = 1 + len(self.ctx), self.tokens.argmax(dim=-1).tolist()
+        suffixes = [row[n_prefix:end + 1] for row, end in zip(self.tokens, ends)]  # name . EOT
+        self.register_buffer("sot_embedding", clip.token_embedding(self.tokens[:1, 0]).detach())  # [1, D]
+        suffix_embedding = clip.token_embedding(torch.cat(suffixes)).detach()  # [sum of lengths, D]
+        self.register_buffer("suffix_embedding", F.pad(suffix_embedding, (0, 0, 0, 1)))  # + a padding token
         packed = pack_prompts(n_prefix, [len(t) for t in suffixes])
         for name, value in zip(("index", "position", "mask", "eot_index"), packed):
-            self.register_buffer(name, value.to(device), persistent=False)
+            self.register_buffer(name, value.to(self.tokens.device), persistent=False)
 
     def text_features(self, ctx=None):
-        """[C, embed_dim], differentiable with respect to ctx; or, given contexts [B, n_ctx, D] (one
-        per image, as instance-conditioned methods make them), [B, C, embed_dim]."""
         clip, ctx = self.clip, self.ctx if ctx is None else ctx
         batch, (rows, length) = ctx.shape[:-2], self.index.shape  # batch: () or (B,)
         pieces = torch.cat([self.sot_embedding.expand(*batch, -1, -1), ctx,
@@ -949,7 +767,6 @@ class PromptLearner(nn.Module):
         x = clip.transformer(x, self.mask.repeat(len(x) // rows, 1, 1)[:, None])  # the same for every head
         x = x.reshape(*batch, rows * length, -1)[..., self.eot_index, :]
         return clip.ln_final(x) @ clip.text_projection
-
 
 def pack_prompts(n_prefix, suffix_lengths, row_length=256):
     """Lay out the prompts "prefix suffix_c" in rows "prefix suffix_a suffix_b ...".
@@ -967,17 +784,15 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
     # Cut the suffix tokens, in order, into n_rows equal parts; each suffix goes to the row
     # its middle falls in, so rows are at most about a suffix longer than row_length.
     parts = -(-int(lengths.sum()) // (row_length - n_prefix))
-    part_of_middle = ((2 * first + lengths) * parts) // (2 * lengths.sum())
-    used_parts, row_of = part_of_middle.unique(return_inverse=True)  # renumbered: no empty rows
-    n_rows = len(used_parts)
+    used_parts, row_of = (((2 * first + lengths) * parts) // (2 * lengths.sum())).unique(return_inverse=True)
+    n_rows = len(used_parts)  # renumbered: no empty rows
     length = n_prefix + max(int(lengths[row_of == r].sum()) for r in range(n_rows))
     index = torch.full((n_rows, length), n_prefix + int(lengths.sum()))  # padding by default
     position = torch.zeros(n_rows, length, dtype=torch.long)
     segment = torch.full((n_rows, length), -2)  # -1: prefix, c: class c's suffix, -2: padding
     index[:, :n_prefix] = position[:, :n_prefix] = torch.arange(n_prefix)
     segment[:, :n_prefix] = -1
-    eot_index = torch.zeros(len(lengths), dtype=torch.long)
-    at = [n_prefix] * n_rows
+    eot_index, at = torch.zeros(len(lengths), dtype=torch.long), [n_prefix] * n_rows
     for c, (r, n) in enumerate(zip(row_of.tolist(), suffix_lengths)):
         place = slice(at[r], at[r] + n)
         index[r, place] = n_prefix + first[c] + torch.arange(n)
@@ -989,76 +804,38 @@ def pack_prompts(n_prefix, suffix_lengths, row_length=256):
     return index, position, causal_mask(length) & ((key == -1) | (key == query)), eot_index
 
 
-def load_prompt(path, clip, tokenizer, backbone=None):
-    """The PromptLearner a run saved in prompt.pt, on clip (of this backbone, if given: it must be
-    the prompt's); read without running pickled code."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        ctx, classnames = saved["ctx"], list(saved["classnames"])
-    except Exception as e:
-        raise UserError(f"cannot read the prompt {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        f"give a prompt.pt that dspt.py or baselines.py wrote") from None
-    if backbone is not None and saved.get("backbone") != backbone:
-        raise UserError(f"the prompt {path} was learned on the backbone {saved.get('backbone')}, not {backbone}; "
-                        f"pass --backbone {saved.get('backbone')}")
-    if saved.get("trained"):
-        raise UserError(f"the prompt {path} was learned with modules besides the context "
-                        f"({', '.join(saved['trained'])}); only a context-only prompt can be used here")
-    learner = PromptLearner(clip, classnames, tokenizer, n_ctx=len(ctx))
-    if ctx.shape != learner.ctx.shape:
-        raise UserError(f"the prompt {path} has context vectors of width {ctx.shape[-1]}, this backbone's "
-                        f"text width is {learner.ctx.shape[-1]}; use the backbone it was learned with "
-                        f"({saved.get('backbone')})")
-    learner.ctx.data.copy_(ctx)
-    return learner
-
-
-# -----------------------------------------------------------------------------
-# Losses. Each maps logits [N, C] and labels [N] to the mean loss over the batch.
-
-def double_softmax_loss(logits, target):
-    r"""Double-softmax cross-entropy, the DSPT loss (mean over the batch).
-
-        p = softmax(z),   q = softmax(p),   L(z, y) = -log q_y = -p_y + log sum_j exp(p_j)
-
-        dL/dz = J (q - e_y),   J = diag(p) - p p^T   (the Jacobian of the first softmax)
-
-    Cross-entropy of the class probabilities rather than of the logits. Its gradient passes
-    through J, which is positive semi-definite with ||J|| <= trace J = 1 - |p|^2 <= 1 - max_k p_k^2:
-    it vanishes whenever the prediction is confident about any class. A mislabelled sample that
-    CLIP confidently assigns to its true class therefore barely moves the prompt, whereas
-    cross-entropy's gradient p - e_y is largest exactly there. Computed in fp32.
-    """
-    return F.cross_entropy(logits.float().softmax(dim=-1), target)
-
-
-def cross_entropy_loss(logits, target):
-    return F.cross_entropy(logits.float(), target)
-
-
-def generalized_cross_entropy_loss(logits, target, q=0.5):
-    """GCE (Zhang & Sabuncu 2018), (1 - p_y^q) / q: cross-entropy as q -> 0, MAE at q = 1."""
-    log_p_y = logits.float().log_softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
-    return ((1 - torch.exp(q * log_p_y)) / q).mean()
-
-
-def mean_absolute_error_loss(logits, target):
-    """MAE between the probabilities and the one-hot label, up to a factor 2: 1 - p_y."""
-    return (1 - logits.float().softmax(dim=-1).gather(1, target[:, None]).squeeze(1)).mean()
-
-
-LOSSES = {"dspt": double_softmax_loss, "ce": cross_entropy_loss,
-          "gce": generalized_cross_entropy_loss, "mae": mean_absolute_error_loss}
-
-
 # -----------------------------------------------------------------------------
 # Training and evaluation.
+
+def autocast(args):
+    return torch.autocast("cuda", dtype=torch.float16, enabled=args.precision == "amp")
+
+def grad_scaler(args):
+    """Loss scaling for fp16 (amp, or CLIP in fp16): DSPT's gradients are deliberately tiny."""
+    return torch.amp.GradScaler("cuda", enabled=args.precision in ("fp16", "amp"))
+
+class PromptTuning:
+    """CoOp's prompt tuning with a loss: the method train() steps. baselines.py's methods subclass it
+    and change what they need: step's loss, the images' encoding, the figures added to each epoch's
+    record. loss_fn also gives train()'s per-sample gradient diagnostics."""
+    def __init__(self, learner, loss_fn, scaler=None):
+        self.learner, self.loss_fn = learner, loss_fn
+        self.scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # grad_scaler(args) for fp16
+
+    def encode(self, images):  # what step() gets of a batch of images
+        return self.learner.clip.encode_image(images)
+
+    def step(self, image_features, target, index, epoch):  # (logits, loss); index: positions among the items
+        logits = self.learner.clip.logits(image_features, self.learner.text_features())
+        return logits, self.loss_fn(logits, target)
+
+    def epoch_record(self, epoch):
+        return {}
 
 @torch.no_grad()
 def encode_images(clip, items, transform, args, desc, encode=None):
     """(features [N, embed_dim] fp32, indices of the items they belong to, n_unreadable); encode
     replaces clip.encode_image."""
-    encode = encode or clip.encode_image
     loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=collate)
     features, indices, unreadable = [], [], 0
@@ -1066,83 +843,48 @@ def encode_images(clip, items, transform, args, desc, encode=None):
         unreadable += bad
         if images is not None:
             with autocast(args):
-                features.append(encode(images.to(args.device, args.dtype)).float())
+                features.append((encode or clip.encode_image)(images.to(args.device, args.dtype)).float())
             indices.append(index)
     if not features:
         raise UserError(f"none of the {len(items)} images for {desc} could be read")
     return torch.cat(features), torch.cat(indices), unreadable
-
-
-def autocast(args):
-    return torch.autocast("cuda", dtype=torch.float16, enabled=args.precision == "amp")
-
 
 def learning_rate(epoch, args):
     """CoOp's schedule (Dassl's constant warm-up, then cosine over --epochs): epoch 0 at 1e-5,
     then epoch e >= 1 at 0.5 lr (1 + cos(pi (e - 1) / epochs)), the full lr first."""
     return 1e-5 if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
 
-
-def grad_scaler(args):
-    """Loss scaling for fp16 (amp, or CLIP in fp16): DSPT's gradients are deliberately tiny and
-    would underflow in fp16 without it."""
-    return torch.amp.GradScaler("cuda", enabled=args.precision in ("fp16", "amp"))
-
-
 def per_sample_gradient_norms(loss_fn, logits, target):
     """||dL_i/dz_i|| for each sample: the mean loss times N is the sum of per-sample losses."""
     logits = logits.detach().float().requires_grad_()
-    (grad,) = torch.autograd.grad(loss_fn(logits, target) * len(target), logits)
-    return grad.norm(dim=-1)
-
+    return torch.autograd.grad(loss_fn(logits, target) * len(target), logits)[0].norm(dim=-1)
 
 def accuracy(logits, labels):
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
-
-def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
-
+def mean_or_none(values):
+    return values.float().mean().item() if len(values) else None
 
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"the checkpoint {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        f"delete it, or pass --fresh to start the run over") from None
+        raise UserError(f"the checkpoint {path} is damaged ({first_line(e)}); delete it, or pass --fresh to "
+                        f"start the run over") from None
 
-
-def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=None, epoch_record=None,
-          checkpoint=None, image_encoder=None):
-    """Tune learner.ctx on items with the given (partly wrong) labels; noisy marks the wrong ones.
-
-    Returns the per-epoch history. Without augmentation the images' features never change,
-    so they are encoded once and the epochs train on them. step_loss(image_features, target,
-    index, epoch) -> (logits, loss) replaces the plain loss_fn(logits, target) for methods
-    that need more than the logits (baselines.py); loss_fn still gives the gradient diagnostics.
-    scaler: the step_loss's grad_scaler(args), if it needs one itself; epoch_record(epoch), the
-    method's own figures for the history; image_encoder(images), what step_loss gets of the images
-    in place of CLIP's image features (a method that trains inside the image encoder gives the
-    output of its frozen part). With a checkpoint path, the state after every epoch
-    (context, optimizer, scaler, history and the random states that decide the later batches and
-    augmentations) is saved there, and a run that finds one there continues after its epoch.
-    """
-    clip = learner.clip
-    encode = image_encoder or clip.encode_image
-
-    def plain_loss(image_features, target, index, epoch):
-        logits = clip.logits(image_features, learner.text_features())
-        return logits, loss_fn(logits, target)
-
-    step_loss = step_loss or plain_loss
-    trained = {name: p for name, p in learner.named_parameters() if p.requires_grad}  # ctx, and a method's own
+def train(method, items, labels, noisy, args, checkpoint=None):
+    """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the
+    wrong ones. Returns the per-epoch history. Without augmentation the images' features never
+    change, so they are encoded once. After every epoch the state (trained parameters, optimizer,
+    scaler, history, and the random states that decide the later batches and augmentations) is
+    saved to checkpoint, if given; a run that finds one there continues after its epoch."""
+    clip, scaler = method.learner.clip, method.scaler
+    trained = {name: p for name, p in method.learner.named_parameters() if p.requires_grad}  # ctx, a method's own
     optimizer = torch.optim.SGD(trained.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = scaler or grad_scaler(args)
-    generator = torch.Generator().manual_seed(args.seed)
-    batch_size = min(args.batch_size, len(items))
+    generator, batch_size = torch.Generator().manual_seed(args.seed), min(args.batch_size, len(items))
     if args.no_augment:
-        features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution),
-                                          args, "encoding training images", encode)
+        features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution), args,
+                                          "encoding training images", method.encode)
         steps = len(kept) // batch_size
 
         def batches():  # (image features, indices into items), dropping the last partial batch
@@ -1150,17 +892,15 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
                 yield features[rows], kept[rows]
     else:
         loader = torch.utils.data.DataLoader(
-            ImageDataset(items, image_transform(clip.visual.input_resolution, augment=True)),
-            batch_size=batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-            collate_fn=collate, generator=generator)
+            ImageDataset(items, image_transform(clip.visual.input_resolution, augment=True)), batch_size=batch_size,
+            shuffle=True, drop_last=True, num_workers=args.workers, collate_fn=collate, generator=generator)
         steps = len(loader)
 
         def batches():
             for images, _, index, _ in loader:
                 with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
-                    image_features = encode(images.to(args.device, args.dtype))
+                    image_features = method.encode(images.to(args.device, args.dtype))
                 yield image_features, index
-
     history = []
     if checkpoint and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint)
@@ -1180,38 +920,29 @@ def train(learner, items, labels, noisy, loss_fn, args, step_loss=None, scaler=N
         for image_features, index in progress(batches(), steps, f"epoch {epoch + 1}"):
             target = labels[index].to(args.device)
             with autocast(args):
-                logits, loss = step_loss(image_features, target, index, epoch)
+                logits, loss = method.step(image_features, target, index, epoch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
             correct.append((logits.argmax(dim=-1) == target).cpu())
-            norms.append(per_sample_gradient_norms(loss_fn, logits, target).cpu())
+            norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
             is_noisy.append(noisy[index])
         correct, norms, is_noisy = torch.cat(correct), torch.cat(norms), torch.cat(is_noisy)
         history.append({
             "epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr,
             "train_accuracy_clean": mean_or_none(correct[~is_noisy]),  # against the given labels:
             "train_accuracy_noisy": mean_or_none(correct[is_noisy]),   # here that is memorisation
-            "grad_norm_clean": mean_or_none(norms[~is_noisy]),
-            "grad_norm_noisy": mean_or_none(norms[is_noisy]),
-            "seconds": time.time() - start,
-            **(epoch_record(epoch) if epoch_record else {}),
-        })
+            "grad_norm_clean": mean_or_none(norms[~is_noisy]), "grad_norm_noisy": mean_or_none(norms[is_noisy]),
+            "seconds": time.time() - start, **method.epoch_record(epoch)})
         print(format_epoch(history[-1], args.epochs), flush=True)
         if checkpoint:
-            save_checkpoint(checkpoint, {
+            atomic_write(checkpoint, lambda f: torch.save({
                 "command": command(args), "trained": {n: p.detach().cpu() for n, p in trained.items()},
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history})
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}, f))
     return history
-
-
-def mean_or_none(values):
-    return values.float().mean().item() if len(values) else None
-
 
 def format_epoch(record, epochs):
     def value(key, spec):
@@ -1223,155 +954,121 @@ def format_epoch(record, epochs):
 
 
 # -----------------------------------------------------------------------------
-# main: few-shot sampling, label noise, zero-shot accuracy, prompt tuning, test accuracy.
+# Command line: few-shot sampling, label noise, zero-shot accuracy, prompt tuning, test accuracy.
 
 def build_parser():
     """The command line's parser; baselines.py adds its flags to it."""
     parser = argparse.ArgumentParser(
         description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
-        epilog="Data layouts for --data: (a) a dataset of CoOp's benchmark (" + ", ".join(DATASETS) + ") "
-               "as CoOp lays it out: its split file split_zhou_<Name>.json in DIR and its image folder "
-               "(FGVCAircraft: its official lists; ImageNet: classnames.txt, train/ and val/), or with the "
-               "images as torchvision downloads them; (b) DIR/train and DIR/test folders of class folders; "
-               "(c) any folder of class folders of images. Without a split file the split is made here, "
-               "50/20/30 per class, the same for every --seed, with a warning.")
+        epilog="--data holds a CoOp split file (split_zhou_<Name>.json, for " + ", ".join(DATASETS) + ") with the "
+               "dataset's images in their folder beside it, as CoOp lays them out; or a folder of class folders "
+               "of images (also CoOp's Caltech101 without its split file), split here 50/20/30 per class, the "
+               "same for every --seed. prepare_data.py lays out other layouts so; predict.py uses a learned prompt.")
     add = parser.add_argument
-    add("--data", metavar="DIR", help="dataset folder (layouts below); required but with --classify")
-    add("--download", metavar="NAME", help="if DIR does not exist, download this dataset's images into it "
-        "through torchvision: " + ", ".join(name for name, row in DATASETS.items() if row[3]) +
-        "; the split file comes from CoOp's DATASETS.md")
-    add("--backbone", default="RN50", metavar="NAME_OR_PATH",
-        help=f"CLIP model, one of {', '.join(MODELS)}, or a checkpoint file (default %(default)s)")
-    add("--cache-dir", default=DEFAULT_CACHE, metavar="DIR",
-        help="where downloads are kept; env DSPT_CACHE (default %(default)s)")
-    add("--bpe", metavar="PATH", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz; env DSPT_BPE "
-                                      "(default: downloaded into --cache-dir)")
+    add("--data", metavar="DIR", required=True, help="dataset folder (see below)")
+    add_model_flags(parser)
     add("--shots", type=int, default=16, metavar="K", help="training images per class (default %(default)s)")
     add("--noise", type=float, default=0.0, metavar="RATE",
         help="fraction of wrong training labels in each class, in [0, 1) (default %(default)s)")
     add("--noise-kind", choices=["sym", "pair"], default="sym",
         help="sym: a random other class; pair: class y becomes y + 1 (default %(default)s)")
     add("--loss", choices=list(LOSSES), default="dspt", help="training loss (default %(default)s)")
-    add("--n-ctx", type=int, metavar="N",
-        help="learned context vectors (default 16, or as many as --ctx-init has tokens)")
-    add("--ctx-init", default="", metavar="WORDS", help='initialise the context from these words, e.g. '
-        '"a photo of a", instead of N(0, 0.02) noise; with a larger --n-ctx, zero vectors come first '
-        '(ProGrad: --ctx-init "a photo of a" --n-ctx 16)')
-    add("--template", help="zero-shot prompt, {} stands for the class name (default: CoOp's for the "
-        "dataset, else 'a photo of a {}.')")
-    add("--epochs", type=int, default=50, metavar="N",
-        help="training epochs, the first a warm-up at lr 1e-5 (default %(default)s, PTNL's setting; "
-             "CoOp, ProGrad and NLPrompt train 200 at 16 shots)")
-    add("--batch-size", type=int, default=32, metavar="N", help="images per step (default %(default)s)")
+    add("--n-ctx", type=int, metavar="N", help="learned context vectors (default 16, or as many as --ctx-init has tokens)")
+    add("--ctx-init", default="", metavar="WORDS", help='initialise the context from these words, e.g. "a photo '
+        'of a", instead of N(0, 0.02) noise; with a larger --n-ctx, zero vectors come first')
+    add("--epochs", type=int, default=50, metavar="N", help="training epochs, the first a warm-up at lr 1e-5 "
+        "(default %(default)s, PTNL's setting; CoOp, ProGrad and NLPrompt train 200 at 16 shots)")
     add("--lr", type=float, default=0.002, help="SGD learning rate before cosine decay (default %(default)s)")
-    add("--no-augment", action="store_true",
-        help="train on fixed center crops, encoding the training images once: much faster, but not "
-             "CoOp's protocol, which augments with random resized crops and flips (the default)")
-    add("--precision", choices=["fp32", "fp16", "bf16", "amp"],
-        help="fp16/bf16: frozen CLIP in that type; amp: fp32 weights with fp16 autocast "
-             "(default: amp on CUDA, fp32 on CPU)")
-    add("--device", help="torch device (default: cuda if this torch can use it, else cpu)")
-    add("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-        help="image loading processes (default %(default)s)")
-    add("--seed", type=int, default=1,
-        help="seed of the few-shot sample, the label noise, the context and the order (default %(default)s)")
+    add("--no-augment", action="store_true", help="train on fixed center crops, encoding the training images "
+        "once: much faster, but not CoOp's protocol, which augments with random resized crops and flips")
+    add("--seed", type=int, default=1, help="seed of the few-shot sample, the label noise, the context and the "
+        "order (default %(default)s)")
     add("--out", metavar="DIR", help="output folder (default: runs/[<method>-]<data>-<backbone>-<loss>-<kind><noise>-"
-        "<shots>shot-seed<seed>); "
-        "running the same command again continues an interrupted run there, or reports a finished one")
+        "<shots>shot-seed<seed>); the same command again continues an interrupted run there, or reports a finished one")
     add("--fresh", action="store_true", help="start the run in --out over, discarding its checkpoint and results")
-    add("--eval", metavar="PROMPT", help="evaluate this prompt.pt on --data's test split instead of training; "
-        "writes eval.json to --out (default: the prompt's folder)")
-    add("--classify", nargs="+", metavar="IMAGE", help="print each image's top-5 classes and probabilities "
-        "(tab-separated: path, then class and probability pairs) with --prompt, or zero-shot with --classnames")
-    add("--prompt", metavar="PROMPT", help="with --classify: the prompt.pt to classify with; its class names are used")
-    add("--classnames", metavar="A,B,...", help="with --classify and no --prompt: the classes, comma-separated, "
-        "for zero-shot CLIP with --template")
     return parser
 
+def add_model_flags(parser):
+    """The flags of the model and the machine, which predict.py shares."""
+    add = parser.add_argument
+    add("--backbone", default="RN50", metavar="NAME_OR_PATH",
+        help=f"CLIP model, one of {', '.join(MODELS)}, or a checkpoint file (default %(default)s)")
+    add("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help="where downloads are kept; env DSPT_CACHE")
+    add("--bpe", metavar="PATH", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz; env DSPT_BPE (default: "
+        "downloaded into --cache-dir)")
+    add("--template", help="zero-shot prompt, {} stands for the class name (default: CoOp's for the dataset, "
+        "else 'a photo of a {}.')")
+    add("--precision", choices=["fp32", "fp16", "bf16", "amp"], help="fp16/bf16: frozen CLIP in that type; "
+        "amp: fp32 weights with fp16 autocast (default: amp on CUDA, fp32 on CPU)")
+    add("--device", help="torch device (default: cuda if this torch can use it, else cpu)")
+    add("--batch-size", type=int, default=32, metavar="N", help="images per step (default %(default)s)")
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+        help="image loading processes (default %(default)s)")
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
-
 def gpu_is_visible():
     """Whether the system shows an NVIDIA GPU, whether or not torch can use it."""
-    return any(Path("/dev").glob("nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
+    return any(Path("/dev").glob("nvidia[0-9]*")) or os.path.exists("/usr/bin/nvidia-smi")
 
-
-def check_args(args):
-    if not args.data and not args.classify:
-        raise UserError("--data DIR is required, to train or --eval on; to classify images use --classify")
-    if args.classify and not (args.prompt or args.classnames):
-        raise UserError("--classify needs the classes: --prompt PROMPT (a prompt.pt) or --classnames A,B,...")
-    if not 0 <= args.noise < 1:
-        raise UserError(f"--noise {args.noise} is outside [0, 1); give a fraction such as 0.5")
-    for name in ("shots", "n_ctx", "epochs", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.n_ctx is None and not args.ctx_init:
-        args.n_ctx = 16  # CoOp's; with --ctx-init, the number of its tokens
-    if args.template is not None:  # else the dataset's own
-        try:
-            args.template.format("")  # fails on other braces
-            one_slot = args.template.count("{}") == 1
-        except (IndexError, KeyError, ValueError):
-            one_slot = False
-        if not one_slot:
-            raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, "
-                            f"and no other braces; e.g. \"a photo of a {{}}.\"")
-    if args.download:
-        known = {name.lower(): name for name in DATASETS}
-        if args.download.lower() not in known:
-            raise UserError(f"--download {args.download!r} is not a dataset of CoOp's benchmark; use one of "
-                            f"{', '.join(DATASETS)}")
-        args.download = known[args.download.lower()]
+def check_model_args(args):
+    """Check the flags of add_model_flags; settle --device, --precision and the frozen model's dtype."""
+    try:  # format() fails on braces other than {}
+        one_slot = args.template is None or (args.template.count("{}") == 1 and args.template.format("") is not None)
+    except (IndexError, KeyError, ValueError):
+        one_slot = False
+    if not one_slot:
+        raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, and no other "
+                        f"braces; e.g. \"a photo of a {{}}.\"")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cpu" and gpu_is_visible():
-            warn(f"an NVIDIA GPU is visible but this torch ({torch.__version__}) cannot use CUDA, so "
-                 f"training runs on the CPU, many times slower; install a CUDA build of torch, or "
-                 f"pass --device cpu")
+            warn(f"an NVIDIA GPU is visible but this torch ({torch.__version__}) cannot use CUDA, so it runs "
+                 f"on the CPU, many times slower; install a CUDA build of torch, or pass --device cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} was asked for but this torch ({torch.__version__}) "
-                        f"cannot use CUDA; install a CUDA build of torch, or use --device cpu")
+        raise UserError(f"--device {args.device} was asked for but this torch ({torch.__version__}) cannot use "
+                        f"CUDA; install a CUDA build of torch, or use --device cpu")
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
     if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
         raise UserError(f"--precision {args.precision} needs a CUDA device; use fp32 or bf16 on the CPU")
     args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
-    if args.out is None and args.eval:
-        args.out = str(Path(args.eval).parent)
-    if args.out is None and args.data:
+
+def check_args(args):
+    """Check the parsed arguments once, and fill in the defaults that depend on others."""
+    if not 0 <= args.noise < 1:
+        raise UserError(f"--noise {args.noise} is outside [0, 1); give a fraction such as 0.5")
+    for name in ("shots", "n_ctx", "epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    args.n_ctx = args.n_ctx or (None if args.ctx_init else 16)  # CoOp's; with --ctx-init, as many as its tokens
+    check_model_args(args)
+    if args.out is None:
         backbone = Path(args.backbone).stem if Path(args.backbone).is_file() else args.backbone.replace("/", "-")
         args.out = (f"runs/{Path(args.data).resolve().name}-{backbone}-{args.loss}-{args.noise_kind}{args.noise:g}"
                     f"-{args.shots}shot-seed{args.seed}")
 
-
 def load_model(args):
     """(tokenizer, clip in --precision, preprocess) for checked args."""
-    tokenizer = load_tokenizer(args.bpe, args.cache_dir)
     clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
-    return tokenizer, convert_weights(clip, args.dtype), preprocess
-
+    return load_tokenizer(args.bpe, args.cache_dir), convert_weights(clip, args.dtype), preprocess
 
 def load(args):
     """(dataset, tokenizer, clip, preprocess) for checked args."""
     torch.manual_seed(args.seed)
-    return load_dataset(args.data, args.download), *load_model(args)
-
+    return load_dataset(args.data), *load_model(args)
 
 def command(args):
     """The arguments that decide a run's results: a run in --out continues only with the same."""
-    kept = {k: v for k, v in vars(args).items() if k not in (
-        "out", "cache_dir", "bpe", "download", "fresh", "dtype", "eval", "classify", "prompt", "classnames")}
+    kept = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "bpe", "fresh", "dtype")}
     return {**kept, "data": str(Path(args.data).resolve())}
 
-
 def finished_or_resumable(args):
-    """The metrics of the same run finished in --out, else None (a checkpoint there, if any, is
-    continued by train). Results or a checkpoint of a run with other arguments are refused;
-    --fresh discards both."""
-    out = Path(args.out)
-    metrics, checkpoint = out / "metrics.json", out / "checkpoint.pt"
+    """The metrics of the same run finished in --out, else None (train() continues a checkpoint there,
+    if any). Results or a checkpoint of a run with other arguments are refused; --fresh discards both."""
+    metrics, checkpoint = Path(args.out) / "metrics.json", Path(args.out) / "checkpoint.pt"
     if args.fresh:
         metrics.unlink(missing_ok=True)
         checkpoint.unlink(missing_ok=True)
@@ -1387,11 +1084,10 @@ def finished_or_resumable(args):
     ours, theirs = command(args), saved.get("command", {})
     for key in {**ours, **theirs}:  # a key only one has (baselines.py's --method) differs too
         if theirs.get(key, "(none)") != ours.get(key, "(none)"):
-            raise UserError(f"{metrics if metrics.is_file() else checkpoint} is of a run with --{key.replace('_', '-')} "
-                            f"{theirs.get(key, '(none)')}, not {ours.get(key, '(none)')}; give another "
-                            f"--out, or pass --fresh to start over in {out}")
+            raise UserError(f"{metrics if metrics.is_file() else checkpoint} is of a run with --{key.replace('_', '-')}"
+                            f" {theirs.get(key, '(none)')}, not {ours.get(key, '(none)')}; give another --out, or "
+                            f"pass --fresh to start over in {args.out}")
     return saved if metrics.is_file() else None
-
 
 def noisy_few_shot(train_items, num_classes, args):
     """(--shots items per class, their labels with --noise, mask of the wrong ones, n_unreadable)."""
@@ -1400,45 +1096,29 @@ def noisy_few_shot(train_items, num_classes, args):
     given = inject_label_noise(clean, num_classes, args.noise, args.noise_kind, args.seed)
     return items, torch.from_numpy(given), torch.from_numpy(given != clean), unreadable
 
-
-def write_training_sample(path, items, given, classnames, data):
-    """The training images with their true and given labels, as CSV, paths relative to data."""
-    rows = [["path", "true_label", "given_label", "true_class", "given_class"]]
-    for (image, label), given_label in zip(items, given.tolist()):
-        image = Path(image).relative_to(data) if Path(image).is_relative_to(data) else Path(image)
-        rows.append([image.as_posix(), label, given_label, classnames[label], classnames[given_label]])
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def read_training_sample(path, data):
-    """(items, given labels, mask of the wrong ones) from a training_sample.csv, to reuse its labels."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    items = [(Path(data) / row["path"], int(row["true_label"])) for row in rows]
-    given = torch.tensor([int(row["given_label"]) for row in rows])
-    return items, given, given != torch.tensor([label for _, label in items])
-
-
-def save_outputs(args, learner, dataset, items, given, metrics):
-    """prompt.pt, training_sample.csv and metrics.json in --out, each written whole or not at all."""
-    out = Path(args.out)
-    atomic_write(out / "prompt.pt", lambda f: torch.save({
-        "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone,
-        "trained": {n: p.detach().cpu() for n, p in learner.named_parameters() if p.requires_grad and n != "ctx"}}, f))
-    write_training_sample(out / "training_sample.csv", items, given, dataset.classnames, args.data)
-    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
-
-
 def encode_test_set(clip, dataset, preprocess, args):
     """(features, labels, n_unreadable) of the readable test images, each encoded once."""
     features, kept, unreadable = encode_images(clip, dataset.test, preprocess, args, "encoding test images")
     return features, torch.tensor([dataset.test[i][1] for i in kept.tolist()], device=args.device), unreadable
 
+def save_outputs(args, learner, dataset, items, given, metrics):
+    """prompt.pt, training_sample.csv (each image with its true and given label) and metrics.json in
+    --out, each written whole or not at all."""
+    out, text = Path(args.out), io.StringIO()
+    atomic_write(out / "prompt.pt", lambda f: torch.save({
+        "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone,
+        "trained": {n: p.detach().cpu() for n, p in learner.named_parameters() if p.requires_grad and n != "ctx"}}, f))
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow(["path", "true_label", "given_label", "true_class", "given_class"])
+    for (image, label), given_label in zip(items, given.tolist()):
+        image = Path(image).relative_to(args.data) if Path(image).is_relative_to(args.data) else Path(image)
+        rows.writerow([image.as_posix(), label, given_label, dataset.classnames[label], dataset.classnames[given_label]])
+    atomic_write(out / "training_sample.csv", lambda f: f.write(text.getvalue().encode()))
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
 
 def run(args):
+    """Train and evaluate; returns the metrics, also written to --out."""
     check_args(args)
     finished = finished_or_resumable(args)
     if finished:
@@ -1450,7 +1130,6 @@ def run(args):
     train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
     print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
           f"with wrong labels), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
-
     # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
     test_features, test_labels, unreadable_test = encode_test_set(clip, dataset, preprocess, args)
     with torch.no_grad(), autocast(args):
@@ -1458,80 +1137,40 @@ def run(args):
             [(args.template or dataset.template).format(name) for name in classnames]).to(args.device))
     zero_shot = accuracy(clip.logits(test_features, template_features), test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
-
-    learner = PromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    history = train(learner, train_items, given, noisy, LOSSES[args.loss], args,
+    learner = PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+    history = train(PromptTuning(learner, LOSSES[args.loss], grad_scaler(args)), train_items, given, noisy, args,
                     checkpoint=Path(args.out) / "checkpoint.pt")
     with torch.no_grad(), autocast(args):
         final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
     print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
-
     metrics = {
         "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
         "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
         "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
-        "unreadable_images": unreadable + unreadable_test,
-        "noise_rate": noisy.float().mean().item(),
-        "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
-    }
+        "unreadable_images": unreadable + unreadable_test, "noise_rate": noisy.float().mean().item(),
+        "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history}
     save_outputs(args, learner, dataset, train_items, given, metrics)
     return metrics
 
+def reuse_freed_memory():
+    """Have glibc (Linux) keep freed memory for reuse, rather than pay at every step for the page
+    faults of fresh pages for large activations (up to twice the step's time on a CPU)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
+    mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1, never give freed heap back
 
-def evaluate(args):
-    """Test accuracy of the prompt --eval on --data's test split; written to --out/eval.json."""
-    dataset, tokenizer, clip, preprocess = load(args)
-    learner = load_prompt(args.eval, clip, tokenizer, args.backbone)
-    if learner.classnames != dataset.classnames:
-        raise UserError(f"the prompt {args.eval} is for the class names {learner.classnames[:3]}..., "
-                        f"{args.data} has {dataset.classnames[:3]}...; evaluate it on the dataset it was learned on")
-    features, labels, unreadable = encode_test_set(clip, dataset, preprocess, args)
-    with torch.no_grad(), autocast(args):
-        result = {"prompt": str(args.eval), "data": args.data, "dataset": dataset.name, "split": dataset.split,
-                  "test_images": len(labels), "unreadable_images": unreadable,
-                  "test_accuracy": accuracy(clip.logits(features, learner.text_features()), labels)}
-    atomic_write(Path(args.out) / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"test accuracy {result['test_accuracy']:.2%} on {len(labels)} images; wrote {Path(args.out) / 'eval.json'}")
-    return result
-
-
-def classify(args):
-    """Print each --classify image's top-5 classes, by the --prompt or zero-shot; returns the probabilities."""
-    tokenizer, clip, preprocess = load_model(args)
-    images = []
-    for path in args.classify:
-        image = read_image(path)
-        if image is None:
-            raise UserError(f"cannot read the image {path}; give image files (JPEG, PNG, ...)")
-        images.append(preprocess(image))
-    with torch.no_grad(), autocast(args):
-        if args.prompt:
-            learner = load_prompt(args.prompt, clip, tokenizer, args.backbone)
-            classnames, text_features = learner.classnames, learner.text_features()
-        else:
-            classnames = [name.strip() for name in args.classnames.split(",")]
-            template = args.template or "a photo of a {}."
-            text_features = clip.encode_text(tokenizer.tokenize([template.format(c) for c in classnames]).to(args.device))
-        features = clip.encode_image(torch.stack(images).to(args.device))
-        probabilities = clip.logits(features, text_features).softmax(dim=-1).cpu()
-    for path, p in zip(args.classify, probabilities):
-        top = p.topk(min(5, len(classnames)))
-        print("\t".join([str(path), *(f"{classnames[i]}\t{v:.4f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))]))
-    return probabilities
-
-
-def main(argv=None):
-    """Train and evaluate, or --eval a prompt, or --classify images; returns what that gives.
-    A user error exits with one line and status 1."""
-    args = parse_args(argv)
+def main(argv=None, name="dspt", parse=parse_args, run=run):
+    """Parse argv and run; a user error exits with one line and status 1. The sibling scripts'
+    main() is this with their own name, parser and run."""
+    args = parse(argv)
     reuse_freed_memory()
     try:
-        if args.classify or args.eval:
-            check_args(args)
-            return classify(args) if args.classify else evaluate(args)
         return run(args)
     except UserError as e:
-        print(f"dspt: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         raise SystemExit(1)
 
 

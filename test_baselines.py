@@ -26,7 +26,7 @@ NO_SCALING = dspt.grad_scaler(argparse.Namespace(precision="fp32"))
 def tiny_learner(tiny_checkpoint, n_ctx=4):
     model, _ = dspt.load_clip(str(tiny_checkpoint))
     torch.manual_seed(0)
-    return dspt.PromptLearner(model, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=n_ctx)
+    return dspt.PackedPromptLearner(model, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=n_ctx)
 
 
 # -----------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def separate_gradients(learner, image_features, target, zero_shot, loss_fn):
     return domain_loss, *gradients
 
 
-def test_prograd_step_loss_has_the_domain_loss_value_and_the_projected_gradient(tiny_checkpoint):
+def test_prograd_step_has_the_domain_loss_value_and_the_projected_gradient(tiny_checkpoint):
     # Both sides are float32 gradients through the text transformer, of two different but equal
     # expressions of the KL; they agree to about 1e-5, hence the tolerance of 1e-4.
     learner = tiny_learner(tiny_checkpoint)
@@ -99,7 +99,7 @@ def test_prograd_step_loss_has_the_domain_loss_value_and_the_projected_gradient(
         conflicts.add(conflict)
         expected = g - strength * (g * d).sum() / (d * d).sum() * d if conflict else g
 
-        logits, loss = prograd.step_loss(image_features, target, torch.arange(6), epoch=0)
+        logits, loss = prograd.step(image_features, target, torch.arange(6), epoch=0)
         loss.backward()
         assert math.isclose(loss.item(), domain_loss, rel_tol=1e-6)
         assert ((learner.ctx.grad.double() - expected).norm() / expected.norm()).item() < 1e-4
@@ -116,13 +116,13 @@ def test_prograd_gradient_passes_a_grad_scaler_unchanged(tiny_checkpoint):
     torch.manual_seed(3)
     image_features, target = torch.randn(6, 32), torch.randint(0, len(CLASSNAMES), (6,))
     prograd = baselines.ProGrad(learner, dspt.double_softmax_loss, zero_shot, NO_SCALING)
-    prograd.step_loss(image_features, target, torch.arange(6), epoch=0)[1].backward()
+    prograd.step(image_features, target, torch.arange(6), epoch=0)[1].backward()
     unscaled = learner.ctx.grad.clone()
     learner.ctx.grad = None
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     optimizer = torch.optim.SGD([learner.ctx], lr=0.1)
     scaled = baselines.ProGrad(learner, dspt.double_softmax_loss, zero_shot, scaler)
-    scaler.scale(scaled.step_loss(image_features, target, torch.arange(6), epoch=0)[1]).backward()
+    scaler.scale(scaled.step(image_features, target, torch.arange(6), epoch=0)[1]).backward()
     # The inner gradients were taken of the losses times 2^12 (exact in binary) and divided again.
     torch.testing.assert_close(learner.ctx.grad, unscaled * 2.0 ** 12, rtol=1e-6, atol=0)
     scaler.unscale_(optimizer)
@@ -229,7 +229,7 @@ def test_nlprompt_split_and_loss_by_hand():
     features = HAND_PROBABILITIES.log()
     labels, noisy = torch.tensor([0, 0]), torch.tensor([False, True])  # the second label is wrong
     nlprompt = baselines.NLPrompt(FixedLogits(2), features, torch.arange(2), labels, noisy)
-    logits, loss = nlprompt.step_loss(features, labels, torch.arange(2), epoch=0)
+    logits, loss = nlprompt.step(features, labels, torch.arange(2), epoch=0)
     # transport labels [0, 1]: sample 0 is clean (cross-entropy -log 0.9), sample 1 not (MAE 1 - 0.6)
     assert loss.item() == pytest.approx((-math.log(0.9) + (1 - 0.6)) / 2)
     assert nlprompt.epoch_record(0) == {"ot_clean_fraction": 0.5, "ot_noisy_precision": 1.0,
@@ -251,7 +251,7 @@ def test_nlprompt_splits_once_per_epoch_and_mixes_cross_entropy_and_mae(tiny_che
     assert 0 < clean.sum() < n, "the case should have both clean and noisy samples"
 
     index = torch.tensor([0, 3, 5, 7, 11, 2])
-    batch_logits, loss = nlprompt.step_loss(features[index], labels[index], index, epoch=0)
+    batch_logits, loss = nlprompt.step(features[index], labels[index], index, epoch=0)
     p = batch_logits.detach().double().softmax(dim=-1)
     p_y = p[torch.arange(len(index)), labels[index]]
     expected = torch.where(clean[index], -p_y.log(), 1 - p_y).mean()
@@ -263,9 +263,9 @@ def test_nlprompt_splits_once_per_epoch_and_mixes_cross_entropy_and_mae(tiny_che
         "ot_clean_fraction": clean.float().mean().item(),
         "ot_noisy_precision": (flagged & noisy).sum().item() / flagged.sum().item(),
         "ot_noisy_recall": (flagged & noisy).sum().item() / noisy.sum().item()}
-    nlprompt.step_loss(features[:4], labels[:4], torch.arange(4), epoch=0)
+    nlprompt.step(features[:4], labels[:4], torch.arange(4), epoch=0)
     assert len(nlprompt.records) == 1
-    nlprompt.step_loss(features[:4], labels[:4], torch.arange(4), epoch=1)
+    nlprompt.step(features[:4], labels[:4], torch.arange(4), epoch=1)
     assert len(nlprompt.records) == 2
 
 
@@ -315,7 +315,6 @@ def test_conditioned_context_starts_as_the_gated_shared_context():
 
 
 def test_per_image_packed_prompts_equal_the_straightforward_computation(tiny_checkpoint):
-    from test_dspt import straightforward_text_features
     learner = tiny_learner(tiny_checkpoint)
     torch.manual_seed(2)
     contexts = (learner.ctx.detach() + 0.1 * torch.randn(3, 4, 64)).requires_grad_()
@@ -323,9 +322,8 @@ def test_per_image_packed_prompts_equal_the_straightforward_computation(tiny_che
     logits = baselines.per_image_logits(learner.clip, image_features, learner.text_features(contexts))
     dspt.double_softmax_loss(logits, target).backward()
     packed_gradient, contexts.grad = contexts.grad.clone(), None
-    tokenizer = dspt.load_tokenizer(BPE_PATH)
-    text = torch.stack([straightforward_text_features(learner.clip, tokenizer, context, CLASSNAMES)
-                        for context in contexts])
+    plain = dspt.PromptLearner(learner.clip, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=4)
+    text = torch.stack([plain.text_features(context) for context in contexts])
     expected = baselines.per_image_logits(learner.clip, image_features, text)
     dspt.double_softmax_loss(expected, target).backward()
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
@@ -358,7 +356,7 @@ def test_visprompt_gives_gce_to_the_flagged_samples_by_hand():
     baselines.NLPrompt.__init__(visprompt, FixedLogits(2), features, torch.arange(2), labels, noisy)
     visprompt.gates = {}
     visprompt.logits = lambda image_features: image_features  # the hand case's logits
-    _, loss = visprompt.step_loss(features, labels, torch.arange(2), epoch=0)
+    _, loss = visprompt.step(features, labels, torch.arange(2), epoch=0)
     # sample 0 clean: -log 0.9; sample 1 flagged: GCE (1 - 0.6^0.5) / 0.5
     assert loss.item() == pytest.approx((-math.log(0.9) + (1 - 0.6 ** 0.5) / 0.5) / 2)
 
@@ -417,11 +415,11 @@ def test_anprompt_frozen_image_part_is_the_encoder_up_to_its_prompted_layers(tin
     learner, anprompt = anprompt_learner(tiny_checkpoint)
     visual, images = learner.clip.visual, torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        x = anprompt.encode_frozen(images)
+        x = anprompt.encode(images)
         for block in visual.transformer.resblocks[-anprompt.vision_depth:]:
             x = block(x)
         torch.testing.assert_close(visual.ln_post(x[:, 0]) @ visual.proj, learner.clip.encode_image(images))
-        features = anprompt.image_features(anprompt.encode_frozen(images))
+        features = anprompt.image_features(anprompt.encode(images))
     assert features.shape == (3, 32) and torch.isfinite(features).all()
 
 
@@ -430,11 +428,11 @@ def test_anprompt_on_a_resnet_pools_with_its_prompts(tiny_checkpoint):
     model = dspt.CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
                       vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=64,
                       transformer_heads=1, transformer_layers=2).eval().requires_grad_(False)
-    learner = dspt.PromptLearner(model, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=4)
+    learner = dspt.PackedPromptLearner(model, CLASSNAMES, dspt.load_tokenizer(BPE_PATH), n_ctx=4)
     anprompt = baselines.ANPrompt(learner, torch.randn(4, 32), dspt.cross_entropy_loss)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        frozen = anprompt.encode_frozen(images)  # the attention pool's input
+        frozen = anprompt.encode(images)  # the attention pool's input
         side = int(frozen.shape[1] ** 0.5)
         grid = frozen.transpose(1, 2).reshape(2, -1, side, side)
         torch.testing.assert_close(model.visual.attnpool(grid), model.encode_image(images))
@@ -612,7 +610,7 @@ def test_help_documents_the_methods_and_every_dspt_flag(capsys):
         baselines.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ["--method", "--prograd-lambda", "--data", "--download", "--backbone", "--cache-dir", "--bpe",
+    for flag in ["--method", "--prograd-lambda", "--data", "--backbone", "--cache-dir", "--bpe",
                  "--shots", "--noise", "--noise-kind", "--loss", "--n-ctx", "--ctx-init", "--template", "--epochs",
                  "--batch-size", "--lr", "--no-augment", "--precision", "--device", "--workers", "--seed", "--out"]:
         assert flag in text

@@ -16,6 +16,7 @@ from PIL import Image
 from test_dspt import expect_user_error, image_folder, make_images, run_main, tiny_checkpoint  # noqa: F401
 
 import dspt  # noqa: E402
+import prepare_data  # noqa: E402
 
 # CoOp's zero-shot templates, as its code has them.
 TEMPLATES = {
@@ -72,12 +73,16 @@ LAYOUTS = [(name, folder) for name, row in SPLIT_DATASETS.items() for folder in 
 
 @pytest.mark.parametrize("name, folder", LAYOUTS, ids=[f"{n}-{f}" for n, f in LAYOUTS])
 def test_split_file_datasets_read_as_coop_has_them(tmp_path, name, folder):
-    split_name = SPLIT_DATASETS[name][0]
+    split_name, coop_folder = SPLIT_DATASETS[name][:2]
     split = write_split_dataset(tmp_path, name, folder)
+    if folder != coop_folder:  # torchvision's layout: prepare_data.py moves the images into CoOp's
+        with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {tmp_path}"):
+            dspt.load_dataset(tmp_path)
+        prepare_data.main([str(tmp_path)])
     dataset = dspt.load_dataset(tmp_path)
     assert dataset.name == name and dataset.template == TEMPLATES[name]
     assert dataset.classnames == ["yin yang", "Annual Crop Land", "Boeing 707-320"]
-    images = (tmp_path / folder).resolve()
+    images = (tmp_path / coop_folder).resolve()
     for part, items in (("train", dataset.train), ("test", dataset.test)):
         assert [(Path(p).resolve(), label) for p, label in items] == [(images / p, c) for p, c, _ in split[part]]
     assert len(dataset.train) == 12 and len(dataset.test) == 9  # the val part is not used
@@ -101,14 +106,18 @@ def write_aircraft(lists, variants=("707-320", "A300B4", "Cessna 172")):
 @pytest.mark.parametrize("lists", [".", "fgvc-aircraft-2013b/data"])
 def test_aircraft_from_its_official_lists(tmp_path, lists):
     write_aircraft(tmp_path / lists)
+    with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {tmp_path}"):
+        dspt.load_dataset(tmp_path)
+    prepare_data.main([str(tmp_path)])
     dataset = dspt.load_dataset(tmp_path)
     assert dataset.name == "FGVCAircraft" and dataset.template == TEMPLATES["FGVCAircraft"]
     assert dataset.classnames == ["707-320", "A300B4", "Cessna 172"]  # variants.txt's order
-    images = tmp_path / lists / "images"
+    images = tmp_path / "images"
     assert dataset.train == [(images / f"{1000000 + i}.jpg", (i - 1) // 3) for i in range(1, 10)]
     assert dataset.test == [(images / f"{1000000 + i}.jpg", (i - 16) // 2) for i in range(16, 22)]
-    record = tmp_path / lists / "images_variant_train.txt", tmp_path / lists / "images_variant_test.txt"
-    assert dataset.split == ", ".join(f"{p.name} (sha256 {sha256(p)})" for p in record)
+    split = json.loads((tmp_path / "split_FGVCAircraft.json").read_text())
+    assert [row[0] for row in split["val"]] == [f"{1000000 + i}.jpg" for i in range(10, 16)]
+    assert dataset.split == f"split_FGVCAircraft.json (sha256 {sha256(tmp_path / 'split_FGVCAircraft.json')})"
 
 
 @pytest.mark.parametrize("images", [".", "images"])
@@ -118,10 +127,13 @@ def test_imagenet_from_classnames_and_train_and_val_folders(tmp_path, images):
         for part, count in (("train", 3), ("val", 2)):
             for i in range(count):
                 image(tmp_path / images / part / wnid / f"{wnid}_{i}.JPEG")
+    with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {tmp_path}"):
+        dspt.load_dataset(tmp_path)
+    prepare_data.main([str(tmp_path)])
     dataset = dspt.load_dataset(tmp_path)
     assert dataset.name == "ImageNet" and dataset.template == "a photo of a {}."
     assert dataset.classnames == ["tench", "goldfish", "great white shark"]  # sorted wnids
-    root = tmp_path / images
+    root = tmp_path / "images"
     assert dataset.train == [(root / "train" / w / f"{w}_{i}.JPEG", c)
                              for c, w in enumerate(["n01440764", "n01443537", "n01484850"]) for i in range(3)]
     assert [label for _, label in dataset.test] == [0, 0, 1, 1, 2, 2]
@@ -144,10 +156,17 @@ def test_few_shot_sample_groups_a_large_pool_in_one_pass():
 def test_generated_split_warns_and_is_recorded(tmp_path, tiny_checkpoint, capsys):
     for name in ["AnnualCrop", "SeaLake", "Forest"]:
         make_images(tmp_path / "eurosat" / "eurosat" / "2750" / name, 10, seed=0, size=(8, 8))
+    prepare_data.main([str(tmp_path / "eurosat")])
+    assert (tmp_path / "eurosat" / "2750" / "Forest").is_dir()
     metrics = run_main(tmp_path, tmp_path / "eurosat", "--epochs", "1", backbone=tiny_checkpoint)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dspt: warning:")]
-    assert len(warnings) == 1 and "no split_zhou_EuroSAT.json" in warnings[0] and "seed 1" in warnings[0]
-    assert metrics["dataset"] == "EuroSAT" and metrics["split"] == "generated, seed 1"
+    assert len(warnings) == 1 and "split_zhou_EuroSAT.json: prepare_data.py" in warnings[0], warnings
+    assert "not CoOp's split" in warnings[0] and "seed 1" in warnings[0]
+    split_file = tmp_path / "eurosat" / "split_zhou_EuroSAT.json"
+    assert metrics["dataset"] == "EuroSAT" and metrics["split"] == f"split_zhou_EuroSAT.json (sha256 {sha256(split_file)})"
+    split = json.loads(split_file.read_text())
+    assert [len(split[part]) for part in ("train", "test")] == [15, 9]  # 50% and 30% of 10 per class
+    assert metrics["test_images"] == 9
     assert metrics["template"] == "a centered satellite photo of {}."
     assert metrics["classnames"] == ["AnnualCrop", "Forest", "SeaLake"]
 
@@ -166,8 +185,8 @@ def test_a_run_records_the_dataset_and_the_split_file_and_a_template_overrides(t
 def test_training_sample_file_round_trips(tmp_path, image_folder, tiny_checkpoint, monkeypatch):
     trained = []
     original = dspt.train
-    monkeypatch.setattr(dspt, "train", lambda learner, items, labels, noisy, *rest, **kw: trained.append(
-        (items, labels, noisy)) or original(learner, items, labels, noisy, *rest, **kw))
+    monkeypatch.setattr(dspt, "train", lambda method, items, labels, noisy, *rest, **kw: trained.append(
+        (items, labels, noisy)) or original(method, items, labels, noisy, *rest, **kw))
     metrics = run_main(tmp_path, image_folder, "--noise", "0.5", backbone=tiny_checkpoint)
     items, given, noisy = trained[0]
     path = tmp_path / "out" / "training_sample.csv"
@@ -177,7 +196,9 @@ def test_training_sample_file_round_trips(tmp_path, image_folder, tiny_checkpoin
     assert [row["path"] for row in rows] == [str(Path(p).relative_to(image_folder)) for p, _ in items]
     assert all(row["true_class"] == metrics["classnames"][int(row["true_label"])] for row in rows)
     assert all(row["given_class"] == metrics["classnames"][int(row["given_label"])] for row in rows)
-    read_items, read_given, read_noisy = dspt.read_training_sample(path, image_folder)
+    read_items = [(image_folder / row["path"], int(row["true_label"])) for row in rows]
+    read_given = torch.tensor([int(row["given_label"]) for row in rows])
+    read_noisy = read_given != torch.tensor([label for _, label in read_items])
     assert [(Path(p), label) for p, label in items] == read_items
     assert torch.equal(read_given, given) and torch.equal(read_noisy, noisy) and read_noisy.sum() == 6
 
@@ -212,27 +233,27 @@ DOWNLOADS = {  # torchvision class: what its download lays out (a few images of 
                                   "EuroSAT"])
 def test_download_lays_out_each_dataset_as_dspt_reads_it(tmp_path, monkeypatch, name):
     import torchvision.datasets
-    torchvision_class = dspt.DATASETS[name][3]
+    torchvision_class = prepare_data.TORCHVISION[name][0]
     monkeypatch.setattr(torchvision.datasets, torchvision_class, fake_download(DOWNLOADS[torchvision_class]))
     root = tmp_path / name.lower()
-    if name in ("OxfordPets", "Flowers102"):  # no class folders: the split file is needed
-        with pytest.raises(dspt.UserError, match=f"{dspt.DATASETS[name][0]} is missing"):
-            dspt.load_dataset(root, download=name)
+    if name in ("OxfordPets", "Flowers102"):  # no class folders: CoOp's split file is needed
+        with pytest.raises(dspt.UserError, match=f"{dspt.DATASETS[name][0]}; download it into {root}"):
+            prepare_data.run(prepare_data.parse_args([str(root), "--download", name]))
         split_name, _, _, path_of = SPLIT_DATASETS[name]
         split = {part: [[path_of(c, i), c, f"class {c}"] for c in range(3) for i in range(first, 30, 2)]
                  for part, first in (("train", 0), ("test", 1))}
         (root / split_name).write_text(json.dumps(split))
-    dataset = dspt.load_dataset(root, download=name)
+    prepare_data.main([str(root), "--download", name])
+    dataset = dspt.load_dataset(root)
     assert dataset.name == name and dataset.template == TEMPLATES[name]
     assert len(dataset.classnames) == 3 and dataset.train and dataset.test
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # nothing else left behind
 
 
 @pytest.mark.parametrize("name", ["StanfordCars", "SUN397", "UCF101", "ImageNet"])
-def test_datasets_torchvision_cannot_fetch_say_what_to_put_where(tmp_path, tiny_checkpoint, capsys, name):
-    line = expect_user_error(capsys, ["--data", str(tmp_path / "data"), "--download", name, "--backbone",
-                                      str(tiny_checkpoint), "--out", str(tmp_path / "out")],
-                             f"torchvision cannot download {name}", dspt.DATASETS[name][0])
+def test_datasets_torchvision_cannot_fetch_say_what_to_put_where(tmp_path, capsys, name):
+    line = expect_user_error(capsys, [str(tmp_path / "data"), "--download", name],
+                             f"torchvision cannot download {name}", dspt.DATASETS[name][0], script=prepare_data)
     assert str(tmp_path / "data") in line
     assert list(tmp_path.iterdir()) == []
 
@@ -270,8 +291,12 @@ BAD_DATASETS = {
     "missing images": "of the images split_zhou_Food101.json names are missing",
     "labels and names disagree": "calls label 0 both 'yin_yang' and 'another name'",
     "not a split file": "is not a split file in CoOp's format",
+    "classnames.txt misses a folder": "run: python prepare_data.py",
+    "split file missing for flat images": "run: python prepare_data.py",
+}
+PREPARE_ERRORS = {  # what prepare_data.py then says of them
     "classnames.txt misses a folder": "has no line for the folder",
-    "split file missing for flat images": "split_zhou_OxfordPets.json is missing",
+    "split file missing for flat images": "split comes only from CoOp's split_zhou_OxfordPets.json",
 }
 
 
@@ -281,10 +306,12 @@ def test_bad_datasets_are_one_line_errors_and_write_nothing(tmp_path, tiny_check
     expect_user_error(capsys, ["--data", str(root), "--backbone", str(tiny_checkpoint), "--out",
                                str(tmp_path / "out")], BAD_DATASETS[kind])
     assert not (tmp_path / "out").exists()
+    if kind in PREPARE_ERRORS:
+        expect_user_error(capsys, [str(root)], PREPARE_ERRORS[kind], script=prepare_data)
 
 
 def test_unknown_download_name_lists_the_datasets(tmp_path, capsys):
-    line = expect_user_error(capsys, ["--data", str(tmp_path / "data"), "--download", "cifar10",
-                                      "--out", str(tmp_path / "out")], "'cifar10' is not a dataset")
+    line = expect_user_error(capsys, [str(tmp_path / "data"), "--download", "cifar10"], "'cifar10' is not a dataset",
+                             script=prepare_data)
     assert all(name in line for name in dspt.DATASETS)
     assert list(tmp_path.iterdir()) == []

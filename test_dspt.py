@@ -24,7 +24,8 @@ with warnings.catch_warnings():
 # The tokenizer's merges file ships with the reference package; nothing is downloaded.
 BPE_PATH = str(Path(openai_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
 os.environ["DSPT_BPE"] = BPE_PATH
-import dspt  # noqa: E402
+import dspt
+import prepare_data  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -175,7 +176,7 @@ def test_tokenizer_matches_openai_on_500_varied_strings():
 
 
 def test_tokenizer_known_ids():
-    ids = dspt.tokenize("a photo of a dog.")[0]
+    ids = dspt.load_tokenizer(BPE_PATH).tokenize("a photo of a dog.")[0]
     assert ids[:8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
     assert ids[8:].eq(0).all() and ids.shape == (77,)
 
@@ -183,10 +184,10 @@ def test_tokenizer_known_ids():
 def test_tokenizer_long_text_raises_unless_truncated():
     long_text = "a very long caption about many things " * 20
     with pytest.raises(ValueError, match="context length 77"):
-        dspt.tokenize(long_text)
+        dspt.load_tokenizer(BPE_PATH).tokenize(long_text)
     with pytest.raises(RuntimeError):
         openai_clip.tokenize(long_text)
-    truncated = dspt.tokenize([long_text, "short"], truncate=True)
+    truncated = dspt.load_tokenizer(BPE_PATH).tokenize([long_text, "short"], truncate=True)
     assert torch.equal(truncated, openai_clip.tokenize([long_text, "short"], truncate=True))
     assert truncated[0, -1] == 49407
 
@@ -363,14 +364,16 @@ CLASSNAMES = ["dog", "great white shark", "yin yang", "airplane", "crayfish", "s
 MANY_CLASSNAMES = models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"][1::8]
 
 
+@pytest.mark.parametrize("learner_class", ["PromptLearner", "PackedPromptLearner"])
 @pytest.mark.parametrize("classnames", [CLASSNAMES, MANY_CLASSNAMES], ids=["one-row", "three-rows"])
-def test_prompt_learner_equals_straightforward_coop_computation(checkpoints, classnames):
+def test_prompt_learners_equal_coop_computation_with_openai_modules(checkpoints, classnames, learner_class):
     reference, _, state_dict = checkpoints
     model, _ = dspt.load_clip(str(state_dict))
     tokenizer = dspt.load_tokenizer(BPE_PATH)
     torch.manual_seed(0)
-    learner = dspt.PromptLearner(model, classnames, tokenizer, n_ctx=16)
-    assert len(learner.index) == (1 if classnames is CLASSNAMES else 3)
+    learner = getattr(dspt, learner_class)(model, classnames, tokenizer, n_ctx=16)
+    if learner_class == "PackedPromptLearner":
+        assert len(learner.index) == (1 if classnames is CLASSNAMES else 3)
     image_features = torch.randn(8, model.text_projection.shape[1])
     target = torch.randint(0, len(classnames), (8,))
 
@@ -415,44 +418,52 @@ def test_prompt_learner_with_template_context_equals_zero_shot_clip(checkpoints)
     _, _, state_dict = checkpoints
     model, _ = dspt.load_clip(str(state_dict))
     tokenizer = dspt.load_tokenizer(BPE_PATH)
-    learner = dspt.PromptLearner(model, CLASSNAMES, tokenizer, ctx_init="a photo of a")
-    assert learner.ctx.shape == (4, 512)
     image_features = torch.randn(5, model.text_projection.shape[1])
     zero_shot = model.encode_text(tokenizer.tokenize([f"a photo of a {name}." for name in CLASSNAMES]))
-    with torch.no_grad():
-        assert_close(model.logits(image_features, learner.text_features()),
-                     model.logits(image_features, zero_shot))
-
-
-def straightforward_text_features(model, tokenizer, ctx, classnames):
-    """CoOp's computation with dspt's own modules, in the model's precision: every class's whole
-    prompt through the text transformer under the causal mask."""
-    n_ctx = len(ctx)
-    tokens = tokenizer.tokenize([" ".join(["x"] * n_ctx) + f" {name}." for name in classnames]).to(ctx.device)
-    x = model.token_embedding(tokens)
-    x = torch.cat([x[:, :1], ctx.expand(len(classnames), -1, -1), x[:, 1 + n_ctx:]], dim=1)
-    x = (x + model.positional_embedding).to(model.dtype)
-    x = model.ln_final(model.transformer(x, dspt.causal_mask(x.shape[1], x.device)))
-    return x[torch.arange(len(x)), tokens.argmax(-1)] @ model.text_projection
+    for learner_class in (dspt.PromptLearner, dspt.PackedPromptLearner):
+        learner = learner_class(model, CLASSNAMES, tokenizer, ctx_init="a photo of a")
+        assert learner.ctx.shape == (4, 512)
+        with torch.no_grad():
+            assert_close(model.logits(image_features, learner.text_features()),
+                         model.logits(image_features, zero_shot))
 
 
 def packed_and_straightforward(model, classnames, precision, device):
-    """Logits and ctx gradients of the DSPT loss, packed and straightforward, under precision."""
+    """Logits and ctx gradients of the DSPT loss, by PackedPromptLearner and by PromptLearner (CoOp's
+    straightforward computation: every class's whole prompt), from the same context, under precision."""
     tokenizer = dspt.load_tokenizer(BPE_PATH)
     torch.manual_seed(0)
-    learner = dspt.PromptLearner(model, classnames, tokenizer, n_ctx=16)
+    packed = dspt.PackedPromptLearner(model, classnames, tokenizer, n_ctx=16)
+    plain = dspt.PromptLearner(model, classnames, tokenizer, n_ctx=16)
+    plain.ctx.data.copy_(packed.ctx.data)
     image_features = torch.randn(8, model.text_projection.shape[1], device=device)
     target = torch.randint(0, len(classnames), (8,), device=device)
     args = argparse.Namespace(precision=precision)
     results = []
-    for text_features in (learner.text_features, lambda: straightforward_text_features(
-            model, tokenizer, learner.ctx, classnames)):
-        learner.ctx.grad = None
+    for learner in (packed, plain):
         with dspt.autocast(args):
-            logits = model.logits(image_features, text_features())
+            logits = model.logits(image_features, learner.text_features())
             dspt.double_softmax_loss(logits, target).backward()
         results.append((logits.detach().float().cpu(), learner.ctx.grad.cpu()))
     return results
+
+
+@pytest.mark.parametrize("precision, logit_tolerance, gradient_tolerance", [("fp32", 1e-5, 1e-4)])
+def test_packed_learner_equals_the_plain_learner_with_batched_contexts(checkpoints, precision, logit_tolerance,
+                                                                       gradient_tolerance):
+    _, _, state_dict = checkpoints
+    model, _ = dspt.load_clip(str(state_dict))
+    (logits, gradient), (expected_logits, expected_gradient) = packed_and_straightforward(
+        model, MANY_CLASSNAMES[:40], precision, "cpu")
+    assert_close(logits, expected_logits, logit_tolerance)
+    assert ((gradient - expected_gradient).norm() / expected_gradient.norm()).item() < gradient_tolerance
+    tokenizer = dspt.load_tokenizer(BPE_PATH)
+    torch.manual_seed(1)
+    contexts = torch.randn(3, 16, model.ln_final.weight.shape[0]) * 0.02  # one per image, as VisPrompt makes them
+    packed = dspt.PackedPromptLearner(model, CLASSNAMES, tokenizer, n_ctx=16).text_features(contexts)
+    plain = dspt.PromptLearner(model, CLASSNAMES, tokenizer, n_ctx=16).text_features(contexts)
+    assert packed.shape == plain.shape == (3, len(CLASSNAMES), model.text_projection.shape[1])
+    assert_close(packed.detach(), plain.detach())
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -553,15 +564,15 @@ def image_folder(tmp_path):
 
 @pytest.fixture
 def learners(monkeypatch):
-    """Every PromptLearner that main() builds, with a copy of its context as it started."""
+    """Every PackedPromptLearner that main() builds, with a copy of its context as it started."""
     created = []
 
-    class RecordedPromptLearner(dspt.PromptLearner):
+    class RecordedPromptLearner(dspt.PackedPromptLearner):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             created.append((self, self.ctx.detach().clone()))
 
-    monkeypatch.setattr(dspt, "PromptLearner", RecordedPromptLearner)
+    monkeypatch.setattr(dspt, "PackedPromptLearner", RecordedPromptLearner)
     return created
 
 
@@ -687,7 +698,7 @@ def test_no_augment_trains_on_features_encoded_once(tmp_path, image_folder, tiny
 def test_help_documents_every_flag():
     result = subprocess.run([sys.executable, str(HERE / "dspt.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    parser_flags = ["--data", "--download", "--backbone", "--cache-dir", "--bpe", "--shots", "--noise",
+    parser_flags = ["--data", "--backbone", "--cache-dir", "--bpe", "--shots", "--noise",
                     "--noise-kind", "--loss", "--n-ctx", "--ctx-init", "--template", "--epochs",
                     "--batch-size", "--lr", "--no-augment", "--precision", "--device", "--workers",
                     "--seed", "--out"]
@@ -740,17 +751,24 @@ def test_caltech101_split_file_is_used_when_present(tmp_path):
     assert test == [(images / "airplanes/003.jpg", 1)]
 
 
-def test_torchvision_caltech101_layout(tmp_path):
+def test_torchvision_caltech101_layout_is_prepared_once(tmp_path, capsys):
     for name in ["Faces_easy", "Faces", "ant"]:
         make_images(tmp_path / "caltech101" / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
+    with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {tmp_path}"):
+        dspt.load_dataset(tmp_path)
+    prepare_data.main([str(tmp_path)])
     classnames, train, test, *_ = dspt.load_dataset(tmp_path)
     assert classnames == ["face", "ant"] and len(train) == 10 and len(test) == 6
+    assert all(str(tmp_path / "101_ObjectCategories") in str(p) for p, _ in train + test)
 
 
-def test_train_and_test_folders_layout(tmp_path):
+def test_train_and_test_folders_layout_is_prepared_into_a_split_file(tmp_path):
     for split, count in (("train", 5), ("test", 3)):
         for name in ["cat", "dog"]:
             make_images(tmp_path / split / name, count, seed=0, size=(8, 8))
+    with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {tmp_path}"):
+        dspt.load_dataset(tmp_path)
+    prepare_data.main([str(tmp_path)])
     classnames, train, test, *_ = dspt.load_dataset(tmp_path)
     assert classnames == ["cat", "dog"] and len(train) == 10 and len(test) == 6
     assert all("/train/" in str(p) for p, _ in train) and all("/test/" in str(p) for p, _ in test)
@@ -759,12 +777,12 @@ def test_train_and_test_folders_layout(tmp_path):
 # -----------------------------------------------------------------------------
 # Bad input: one line on stderr, a non-zero exit, no traceback, nothing half-written.
 
-def expect_user_error(capsys, argv, *phrases):
+def expect_user_error(capsys, argv, *phrases, script=dspt):
     with pytest.raises(SystemExit) as exit_info:
-        dspt.main(argv)
+        script.main(argv)
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("dspt: error: ") and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith(f"{script.__name__}: error: ") and "Traceback" not in "\n".join(err), err
     for phrase in phrases:
         assert phrase in err[-1], (phrase, err[-1])
     return err[-1]
@@ -772,7 +790,8 @@ def expect_user_error(capsys, argv, *phrases):
 
 def test_missing_and_empty_data_folders(tmp_path, tiny_checkpoint, capsys):
     base = ["--backbone", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
-    expect_user_error(capsys, ["--data", str(tmp_path / "nope"), *base], "does not exist", "--download NAME")
+    expect_user_error(capsys, ["--data", str(tmp_path / "nope"), *base], "does not exist",
+                      f"python prepare_data.py {tmp_path / 'nope'} --download NAME")
     (tmp_path / "empty").mkdir()
     expect_user_error(capsys, ["--data", str(tmp_path / "empty"), *base], "no usable dataset")
     assert not (tmp_path / "out").exists()
@@ -865,6 +884,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_checkpoint, capsy
         for name in ["cat", "dog"]:
             make_images(tmp_path / "data" / split / name, count, seed=0)
         (tmp_path / "data" / split / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    prepare_data.main([str(tmp_path / "data")])
     metrics = run_main(tmp_path, tmp_path / "data", "--shots", "7", backbone=tiny_checkpoint)
     assert metrics["unreadable_images"] == 2  # one among the training images, one among the test images
     assert metrics["train_images"] == 12 and metrics["test_images"] == 6
@@ -924,7 +944,8 @@ def test_download_fetches_caltech101_into_a_new_folder(tmp_path, monkeypatch):
             make_images(Path(root) / "caltech101" / "101_ObjectCategories" / name, 10, seed=0, size=(8, 8))
 
     monkeypatch.setattr(torchvision.datasets, "Caltech101", fake_caltech101)
-    classnames, train, test, *_ = dspt.load_dataset(tmp_path / "caltech101", download="Caltech101")
+    prepare_data.main([str(tmp_path / "caltech101"), "--download", "Caltech101"])
+    classnames, train, test, *_ = dspt.load_dataset(tmp_path / "caltech101")
     assert classnames == ["face", "ant"] and len(train) == 10 and len(test) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["caltech101"]
 
@@ -938,9 +959,8 @@ def test_failed_download_leaves_no_folder(tmp_path, image_folder, tiny_checkpoin
         raise RuntimeError("File not found or corrupted.")
 
     monkeypatch.setattr(torchvision.datasets, "Caltech101", failing_caltech101)
-    expect_user_error(capsys, ["--data", str(tmp_path / "caltech"), "--download", "caltech101", "--backbone",
-                               str(tiny_checkpoint), "--out", str(tmp_path / "out")],
-                      "cannot download Caltech101", "101_ObjectCategories")
+    expect_user_error(capsys, [str(tmp_path / "caltech"), "--download", "caltech101"],
+                      "cannot download Caltech101", "101_ObjectCategories", script=prepare_data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the image_folder fixture's
 
 

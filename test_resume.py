@@ -6,6 +6,7 @@ test accuracy, and its logits for a training image."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from test_dspt import BPE_PATH, HERE, expect_user_error, image_folder, run_main, tiny_checkpoint  # noqa: F401
 
 import dspt  # noqa: E402
+import predict  # noqa: E402
 
 
 class Interrupt(Exception):
@@ -24,14 +26,14 @@ def without_seconds(metrics):
 
 
 def interrupted_after(monkeypatch, epochs_done):
-    """Make save_checkpoint raise once it has saved the checkpoint of epoch epochs_done."""
-    original = dspt.save_checkpoint
+    """Make the run stop (raise) once it has saved the checkpoint of epoch epochs_done."""
+    original = dspt.atomic_write
 
-    def save_then_stop(path, state):
-        original(path, state)
-        if len(state["history"]) == epochs_done:
+    def save_then_stop(path, write):
+        original(path, write)
+        if Path(path).name == "checkpoint.pt" and len(torch.load(path, weights_only=True)["history"]) == epochs_done:
             raise Interrupt
-    monkeypatch.setattr(dspt, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(dspt, "atomic_write", save_then_stop)
 
 
 RUN = ["--epochs", "4", "--noise", "0.5"]
@@ -128,8 +130,8 @@ def test_a_baselines_run_in_the_same_folder_is_refused_by_name(tmp_path, image_f
     with pytest.raises(SystemExit):
         baselines.main(argv)
     assert "--method (none), not nlprompt" in capsys.readouterr().err
-    result = baselines.main(["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
-                             "--eval", str(tmp_path / "out" / "prompt.pt")])
+    result = predict.main(["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
+                           "--eval", str(tmp_path / "out" / "prompt.pt")])
     assert result["test_accuracy"] == json.loads((tmp_path / "out" / "metrics.json").read_text())["test_accuracy"]
 
 
@@ -137,8 +139,8 @@ def test_evaluating_a_saved_prompt_reproduces_the_run(tmp_path, image_folder, ti
     metrics = run_main(tmp_path, image_folder, *RUN, backbone=tiny_checkpoint)
     capsys.readouterr()
     prompt = tmp_path / "out" / "prompt.pt"
-    result = dspt.main(["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
-                        "--eval", str(prompt), "--out", str(tmp_path / "eval")])
+    result = predict.main(["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
+                           "--eval", str(prompt), "--out", str(tmp_path / "eval")])
     assert result["test_accuracy"] == metrics["test_accuracy"]
     assert result["test_images"] == metrics["test_images"]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
@@ -150,10 +152,11 @@ def test_evaluation_refuses_a_prompt_for_other_classes(tmp_path, image_folder, t
     torch.save({"ctx": torch.zeros(4, 64), "classnames": ["cat", "dog", "emu"], "backbone": str(tiny_checkpoint)},
                prompt)
     argv = ["--data", str(image_folder), "--workers", "0", "--eval", str(prompt), "--out", str(tmp_path / "eval")]
-    expect_user_error(capsys, [*argv, "--backbone", str(tiny_checkpoint)], "class names", "cat", "blue circle")
+    expect_user_error(capsys, [*argv, "--backbone", str(tiny_checkpoint)], "class names", "cat", "blue circle",
+                      script=predict)
     torch.save({"ctx": torch.zeros(4, 64), "classnames": ["cat", "dog", "emu"], "backbone": "ViT-B/16"}, prompt)
     expect_user_error(capsys, [*argv, "--backbone", str(tiny_checkpoint)], "learned on the backbone ViT-B/16",
-                      "--backbone ViT-B/16")
+                      "--backbone ViT-B/16", script=predict)
     assert not (tmp_path / "eval").exists()
 
 
@@ -165,7 +168,8 @@ def test_damaged_prompt_files_are_one_clear_error(tmp_path, image_folder, tiny_c
     else:
         prompt.write_bytes(content)
     expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
-                               "--eval", str(prompt), "--out", str(tmp_path / "eval")], "prompt", str(prompt))
+                               "--eval", str(prompt), "--out", str(tmp_path / "eval")], "prompt", str(prompt),
+                      script=predict)
 
 
 def test_prompt_files_are_read_without_running_pickled_code(tmp_path, tiny_checkpoint):
@@ -173,7 +177,7 @@ def test_prompt_files_are_read_without_running_pickled_code(tmp_path, tiny_check
     torch.save({"ctx": torch.zeros(4, 64), "classnames": ["a", "b"], "backbone": "x", "evil": Interrupt()}, prompt)
     clip, _ = dspt.load_clip(str(tiny_checkpoint))
     with pytest.raises(dspt.UserError, match="cannot read the prompt"):
-        dspt.load_prompt(prompt, clip, dspt.load_tokenizer(BPE_PATH))
+        predict.load_prompt(prompt, clip, dspt.load_tokenizer(BPE_PATH))
 
 
 def test_classifying_an_image_matches_the_run_that_learned_the_prompt(tmp_path, image_folder, tiny_checkpoint,
@@ -182,13 +186,13 @@ def test_classifying_an_image_matches_the_run_that_learned_the_prompt(tmp_path, 
     capsys.readouterr()
     prompt = torch.load(tmp_path / "out" / "prompt.pt")
     clip, preprocess = dspt.load_clip(str(tiny_checkpoint))
-    learner = dspt.load_prompt(tmp_path / "out" / "prompt.pt", clip, dspt.load_tokenizer(BPE_PATH))
+    learner = predict.load_prompt(tmp_path / "out" / "prompt.pt", clip, dspt.load_tokenizer(BPE_PATH))
     assert torch.equal(learner.ctx.detach(), prompt["ctx"]) and learner.classnames == prompt["classnames"]
     images = sorted((image_folder / "red_square").iterdir())[:2]
     with torch.no_grad():
         features = clip.encode_image(torch.stack([preprocess(dspt.read_image(p)) for p in images]))
         expected = clip.logits(features, learner.text_features()).softmax(dim=-1)
-    dspt.main(["--classify", *map(str, images), "--prompt", str(tmp_path / "out" / "prompt.pt"),
+    predict.main(["--classify", *map(str, images), "--prompt", str(tmp_path / "out" / "prompt.pt"),
                "--backbone", str(tiny_checkpoint)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
@@ -202,7 +206,7 @@ def test_classifying_an_image_matches_the_run_that_learned_the_prompt(tmp_path, 
 
 def test_zero_shot_classification_without_a_prompt(tmp_path, image_folder, tiny_checkpoint, capsys):
     image = sorted((image_folder / "blue circle").iterdir())[0]
-    dspt.main(["--classify", str(image), "--classnames", "cat,dog", "--template", "a photo of a {}.",
+    predict.main(["--classify", str(image), "--classnames", "cat,dog", "--template", "a photo of a {}.",
                "--backbone", str(tiny_checkpoint)])
     clip, preprocess = dspt.load_clip(str(tiny_checkpoint))
     tokenizer = dspt.load_tokenizer(BPE_PATH)
@@ -217,15 +221,21 @@ def test_zero_shot_classification_without_a_prompt(tmp_path, image_folder, tiny_
 def test_classify_needs_classes_and_readable_images(tmp_path, tiny_checkpoint, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     expect_user_error(capsys, ["--classify", str(tmp_path / "bad.jpg"), "--backbone", str(tiny_checkpoint)],
-                      "--prompt", "--classnames")
+                      "--prompt", "--classnames", script=predict)
     expect_user_error(capsys, ["--classify", str(tmp_path / "bad.jpg"), "--classnames", "a,b", "--backbone",
-                               str(tiny_checkpoint)], "cannot read", "bad.jpg")
-    expect_user_error(capsys, ["--backbone", str(tiny_checkpoint)], "--data")
+                               str(tiny_checkpoint)], "cannot read", "bad.jpg", script=predict)
+    expect_user_error(capsys, ["--eval", str(tmp_path / "prompt.pt"), "--backbone", str(tiny_checkpoint)],
+                      "--eval needs --data", script=predict)
+    for script, needed in ((dspt, "--data"), (predict, "--eval --classify")):  # argparse's own one-line errors
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--backbone", str(tiny_checkpoint)])
+        assert exit_info.value.code == 2 and needed in capsys.readouterr().err
 
 
 def test_new_flags_are_in_help_and_readme():
-    text = " ".join(subprocess.run([sys.executable, str(HERE / "dspt.py"), "--help"], capture_output=True,
-                                   text=True).stdout.split())
     readme = (HERE / "README.md").read_text()
-    for flag in ("--fresh", "--eval", "--classify", "--prompt", "--classnames"):
-        assert flag in text and f"`{flag}" in readme, flag
+    for script, flags in (("dspt.py", ("--fresh",)), ("predict.py", ("--eval", "--classify", "--prompt", "--classnames"))):
+        text = " ".join(subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True,
+                                       text=True).stdout.split())
+        for flag in flags:
+            assert flag in text and f"`{flag}" in readme, flag

@@ -70,7 +70,7 @@ def instance_rich(encode, detail=DETAIL):
     return encode_rich
 
 
-class LearnedNames(dspt.PromptLearner):
+class LearnedNames(dspt.PackedPromptLearner):
     """CoOp's prompt learner whose class-name tokens' embeddings are trained too, each class its
     own (not the "." and EOT after them); dspt.train gives them the context's weight decay."""
 
@@ -127,7 +127,9 @@ def with_feature_kinds(task, clip, args):
 
 def tune(learner, clip, items, labels, noisy, args, encode, test):
     """CoOp's cross-entropy tuning of the learner, as the grid runs it; the summary of its outcome."""
-    history = dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, image_encoder=encode)
+    method = dspt.PromptTuning(learner, dspt.LOSSES["ce"], dspt.grad_scaler(args))
+    method.encode = encode  # the features under study, in place of CLIP's
+    history = dspt.train(method, items, labels, noisy, args)
     with torch.no_grad():
         text_features = learner.text_features()
     return {"memorisation": history[-1]["train_accuracy_noisy"], "clean_fit": history[-1]["train_accuracy_clean"],
@@ -153,7 +155,7 @@ def probe(task, clip, seed, kind, rate, epochs, cache, log):
                 "participation_ratio": participation_ratio(train_features, true_labels[kept])}
         runs.append({**base, "classifier": "free class vectors",
                      **noise.free_class_vectors(cell, clip, labels, noisy)})
-        for classifier, learner_class in [("coop", dspt.PromptLearner), ("coop, learned names", LearnedNames)]:
+        for classifier, learner_class in [("coop", dspt.PackedPromptLearner), ("coop, learned names", LearnedNames)]:
             torch.manual_seed(seed)
             learner = learner_class(clip, task["classnames"], task["tokenizer"], args.n_ctx)
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

@@ -444,7 +444,10 @@ CURVES = [("sym", 0.5), ("pair", 0.5)]  # the settings whose per-epoch curves ar
 def tune_with_loss(loss):
     """CoOp's prompt tuning with one of dspt.py's losses."""
     def tune(learner, items, labels, noisy, args, task):
-        return dspt.train(learner, items, labels, noisy, dspt.LOSSES[loss], args, epoch_record=task.get("curve"))
+        method = dspt.PromptTuning(learner, dspt.LOSSES[loss], dspt.grad_scaler(args))
+        if task.get("curve"):
+            method.epoch_record = task["curve"]
+        return dspt.train(method, items, labels, noisy, args)
     return tune
 
 
@@ -453,8 +456,7 @@ def tune_prograd(learner, items, labels, noisy, args, task):
     CONTEXT_INIT)."""
     scaler = dspt.grad_scaler(args)
     method = baselines.ProGrad(learner, dspt.LOSSES["ce"], task["template"], scaler, strength=1.0)
-    return dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss, scaler,
-                      method.epoch_record)
+    return dspt.train(method, items, labels, noisy, args)
 
 
 def tune_with_transport(method_class):
@@ -463,8 +465,7 @@ def tune_with_transport(method_class):
     def tune(learner, items, labels, noisy, args, task):
         method = method_class(learner, *task["train_features"], labels, noisy)
         task["method"] = method  # for the evaluation: VisPrompt's logits are its own
-        return dspt.train(learner, items, labels, noisy, method.loss, args, method.step_loss,
-                          epoch_record=method.epoch_record)
+        return dspt.train(method, items, labels, noisy, args)
     return tune
 
 
@@ -474,8 +475,7 @@ def tune_anprompt(learner, items, labels, noisy, args, task):
                                     len(learner.ctx))
     method = baselines.ANPrompt(learner, noise, dspt.LOSSES["ce"])
     task["method"] = method  # for the evaluation: through the prompted image encoder
-    return dspt.train(learner, items, labels, noisy, dspt.LOSSES["ce"], args, method.step_loss,
-                      epoch_record=method.epoch_record, image_encoder=method.encode_frozen)
+    return dspt.train(method, items, labels, noisy, args)
 
 
 # A method turns (learner, items, given labels, mask of wrong ones, args, task) into dspt.train's
@@ -498,7 +498,7 @@ def tune_and_evaluate(method, clip, task, items, labels, noisy, args, log, ctx_i
     curve: record the clean test accuracy after every epoch."""
     torch.manual_seed(args.seed)
     test = task["test"]
-    learner = dspt.PromptLearner(clip, task["classnames"], task["tokenizer"], args.n_ctx, ctx_init)
+    learner = dspt.PackedPromptLearner(clip, task["classnames"], task["tokenizer"], args.n_ctx, ctx_init)
     start, cell = time.time(), dict(task)  # a method may leave itself in cell
     if curve:
         cell["curve"] = lambda epoch: {"test_accuracy": test_accuracy(clip, test, learner.text_features)}
@@ -512,7 +512,7 @@ def tune_and_evaluate(method, clip, task, items, labels, noisy, args, log, ctx_i
             method = cell["method"]
             if "frozen" not in test:  # the encoder's frozen part, the same in every cell: encoded once
                 test["frozen"] = dspt.encode_images(clip, test["items"], task["preprocess"], args,
-                                                    "encoding test images", method.encode_frozen)[0]
+                                                    "encoding test images", method.encode)[0]
             logits = torch.cat([method.logits(chunk) for chunk in test["frozen"].split(256)])
         else:
             logits = clip.logits(test["features"], text_features)

@@ -7,7 +7,7 @@ context and makes an SGD step. The step is timed, and separately its two parts, 
 
     (a) full:      every class's whole 77-token prompt through the text transformer, as CoOp does;
     (b) truncated: the same, cut after the last EOT (later positions cannot affect it);
-    (c) dspt:      dspt.PromptLearner, which packs the prompts into rows that share the
+    (c) dspt:      dspt.PackedPromptLearner, which packs the prompts into rows that share the
                    prefix "[SOT] ctx", without the padding after each EOT (dspt.pack_prompts).
 
 The models are CLIP's real RN50 and ViT-B/32 architectures with random weights; the class
@@ -107,7 +107,7 @@ def build_clip(backbone, args, dtype):
 def build_prompts(clip, variant, args):
     classnames, tokenizer = CLASSNAMES[args.classnames]()[:args.classes], dspt.load_tokenizer(args.bpe)
     if variant == "c":
-        return dspt.PromptLearner(clip, classnames, tokenizer, n_ctx=N_CTX)
+        return dspt.PackedPromptLearner(clip, classnames, tokenizer, n_ctx=N_CTX)
     return CoOpPrompts(clip, classnames, tokenizer, truncate=variant == "b")
 
 
@@ -233,7 +233,7 @@ def parse_args(argv=None):
     add("--backbones", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="CLIP architectures")
     add("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
         help="text encodings to time: a, every class's full 77-token prompt (CoOp); b, the same cut "
-             "after the last EOT; c, dspt.PromptLearner. Speed-ups are against a")
+             "after the last EOT; c, dspt.PackedPromptLearner. Speed-ups are against a")
     add("--classnames", choices=list(CLASSNAMES), default="caltech101", help="whose class names")
     add("--classes", type=int, default=100, help="number of classes: the first of the names")
     add("--batch", type=int, default=32, help="images per step")

@@ -72,7 +72,7 @@ def test_learned_names_start_as_coop_and_train_only_the_names(tiny_clip_and_toke
     clip, tokenizer = tiny_clip_and_tokenizer
     names = ["red star", "great white shark", "dog"]
     torch.manual_seed(1)
-    coop = dspt.PromptLearner(clip, names, tokenizer, 4)
+    coop = dspt.PackedPromptLearner(clip, names, tokenizer, 4)
     torch.manual_seed(1)
     learner = memorisation.LearnedNames(clip, names, tokenizer, 4)
     assert torch.equal(learner.text_features(), coop.text_features())
