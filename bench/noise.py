@@ -89,6 +89,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines  # noqa: E402
 import dspt  # noqa: E402
+import prepare_data  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -588,6 +589,8 @@ def confidence(logits, labels, bins=15):
 
 def prepare_task(name, data, clip, preprocess, tokenizer, base):
     """What every cell of a task shares: its dataset, test features and zero-shot outcome."""
+    if not (Path(data) / "split.json").is_file():  # its train/ and test/ folders, as dspt.py reads them
+        prepare_data.train_and_test_folders(Path(data))
     dataset = dspt.load_dataset(data)
     features, kept, _ = dspt.encode_images(clip, dataset.test, preprocess, base, f"encoding {name} test images")
     test = {"features": features, "labels": torch.tensor([dataset.test[i][1] for i in kept.tolist()]),
