@@ -1,14 +1,10 @@
 """
 DSPT: Double-Softmax Prompt Tuning of CLIP on few-shot data with noisy labels.
 
-A single-file reference implementation. It loads OpenAI's CLIP weights into its own model
-code and tokenizer, learns CoOp's context vectors on K images per class whose labels are
-partly wrong, and trains them with the double-softmax loss
-
-    L(z, y) = -log softmax(softmax(z))_y
-
-whose gradient vanishes when CLIP is confident about any class, so that the images CLIP
-confidently assigns to a class other than their (wrong) label barely move the prompt.
+One self-contained file: OpenAI's CLIP in its own model code and tokenizer; CoOp's context
+vectors, learned on K images per class whose labels are partly wrong; the double-softmax loss
+L(z, y) = -log softmax(softmax(z))_y, whose gradient vanishes wherever CLIP is confident, so that
+the images CLIP confidently assigns to a class other than their (wrong) label barely move the prompt.
 
     python dspt.py --data ./caltech101 --noise 0.5
 
@@ -79,7 +75,6 @@ def mean_absolute_error_loss(logits, target):
     """MAE between the probabilities and the one-hot label, up to a factor 2: 1 - p_y."""
     return (1 - logits.float().softmax(dim=-1).gather(1, target[:, None]).squeeze(1)).mean()
 
-
 LOSSES = {"dspt": double_softmax_loss, "ce": cross_entropy_loss,
           "gce": generalized_cross_entropy_loss, "mae": mean_absolute_error_loss}
 
@@ -93,10 +88,8 @@ def inject_label_noise(labels, num_classes, rate, kind="sym", seed=0):
     kind "sym": the wrong label is a uniformly random other class; "pair": y -> (y + 1) mod C.
     Deterministic for a seed. Returns an int64 numpy array; the input is left unchanged.
     """
-    if not 0 <= rate < 1:
-        raise ValueError(f"noise rate {rate} is outside [0, 1)")
-    if kind not in ("sym", "pair"):
-        raise ValueError(f"noise kind {kind!r} is not 'sym' or 'pair'")
+    if not 0 <= rate < 1 or kind not in ("sym", "pair"):
+        raise ValueError(f"noise rate {rate} is outside [0, 1), or noise kind {kind!r} is not 'sym' or 'pair'")
     labels = np.asarray(labels, dtype=np.int64)
     noisy, rng = labels.copy(), np.random.default_rng(seed)
     for c in range(num_classes):
@@ -145,8 +138,7 @@ class Tokenizer:
             return (word,)
         parts = list(word[:-1]) + [word[-1] + "</w>"]  # </w> marks the end of a word
         while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.merge_rank.get(pair, math.inf))
             if best not in self.merge_rank:
                 break
             merged, i = [], 0
@@ -158,8 +150,7 @@ class Tokenizer:
         return tuple(parts)
 
     def encode(self, text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        text = regex.sub(r"\s+", " ", text).strip().lower()
+        text = regex.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip().lower()
         ids = []
         for word in self.pattern.findall(text):
             word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
@@ -312,7 +303,8 @@ class VisionTransformer(nn.Module):
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre, self.transformer, self.ln_post = LayerNorm(width), Transformer(width, layers, heads), LayerNorm(width)
+        self.ln_pre, self.ln_post = LayerNorm(width), LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x):
@@ -327,11 +319,11 @@ class CLIP(nn.Module):
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
         if isinstance(vision_layers, (tuple, list)):
-            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
-                                         image_resolution, vision_width)
+            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution,
+                                         vision_width)
         else:
-            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                            vision_layers, vision_width // 64, embed_dim)
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                            vision_width // 64, embed_dim)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -359,13 +351,12 @@ class CLIP(nn.Module):
 
     def logits(self, image_features, text_features):
         """Scaled cosine similarities [N_images, N_texts], computed in fp32."""
-        image_features, text_features = F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1)
-        return self.logit_scale.exp().float() * image_features @ text_features.T
-
+        image_features = F.normalize(image_features.float(), dim=-1)
+        return self.logit_scale.exp().float() * image_features @ F.normalize(text_features.float(), dim=-1).T
 
 
 # -----------------------------------------------------------------------------
-# Loading: files and downloads, the tokenizer's merges, CLIP's weights by name or path.
+# Loading: the tokenizer's merges and CLIP's weights, by name (downloaded, checked) or by path.
 
 DEFAULT_CACHE = os.environ.get("DSPT_CACHE", os.path.expanduser("~/.cache/clip"))
 BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
@@ -386,6 +377,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 class UserError(Exception):
     """A problem with the input that the user can fix; main() prints it as one line."""
+
 def warn(message):
     print(f"dspt: warning: {message}", file=sys.stderr)
 
@@ -421,17 +413,17 @@ def sha256_of(path):
     return digest.hexdigest()
 
 def download(url, path, sha256):
-    """Return path, downloading url there first (verified, atomically) unless a file with this SHA256 is there."""
-    if Path(path).is_file() and sha256_of(path) == sha256:
-        return Path(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256, progress=sys.stderr.isatty())
-    except RuntimeError as e:  # the hash differs
-        raise UserError(f"checksum mismatch for {url}: {first_line(e)}; the download is corrupt, run again") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); fetch it by hand and put it at {path}"
-                        ) from None
+    """path, downloaded there first (checked, atomically) unless a file with this SHA256 is there."""
+    if not (Path(path).is_file() and sha256_of(path) == sha256):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256, progress=sys.stderr.isatty())
+        except RuntimeError as e:  # the SHA256 differs
+            raise UserError(f"checksum mismatch for {url}: {first_line(e)}; the download is corrupt, run again"
+                            ) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); fetch it by hand and put it at "
+                            f"{path}") from None
     return Path(path)
 
 @lru_cache(maxsize=None)
@@ -439,36 +431,35 @@ def load_tokenizer(bpe_path=None, cache_dir=DEFAULT_CACHE):
     """The tokenizer from bpe_path, $DSPT_BPE, or the merges file fetched into cache_dir."""
     bpe_path = bpe_path or os.environ.get("DSPT_BPE")
     if bpe_path and not Path(bpe_path).is_file():
-        raise UserError(f"BPE merges file {bpe_path} does not exist; give the path of "
-                        f"bpe_simple_vocab_16e6.txt.gz, or leave --bpe unset to download it")
+        raise UserError(f"BPE merges file {bpe_path} does not exist; give the path of bpe_simple_vocab_16e6.txt.gz, "
+                        f"or leave --bpe unset to download it")
     bpe_path = bpe_path or download(BPE_URL, Path(cache_dir) / "bpe_simple_vocab_16e6.txt.gz", BPE_SHA256)
     try:
         return Tokenizer(bpe_path)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"cannot read the BPE merges file {bpe_path} ({first_line(e)}); give "
-                        f"the path of bpe_simple_vocab_16e6.txt.gz as it is distributed") from None
-
-def count_blocks(state_dict, prefix):
-    return len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
+        raise UserError(f"cannot read the BPE merges file {bpe_path} ({first_line(e)}); give the path of "
+                        f"bpe_simple_vocab_16e6.txt.gz as it is distributed") from None
 
 def build_model(state_dict):
     """A CLIP whose architecture is read off the state dict's shapes, with those weights."""
     state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    if "visual.proj" in state_dict:  # ViT
-        vision_width = state_dict["visual.conv1.weight"].shape[0]
-        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
-        vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
-        image_resolution = vision_patch_size * round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+
+    def blocks(prefix):  # how many numbered blocks prefix.0, prefix.1, ... the weights have
+        return len({k[len(prefix):].split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
+    vit = "visual.proj" in state_dict
+    positions = state_dict["visual.positional_embedding" if vit else "visual.attnpool.positional_embedding"]
+    grid = round((positions.shape[0] - 1) ** 0.5)  # the image's grid of patches (ResNet: of 32-pixel cells)
+    if vit:
+        vision_width, patch = state_dict["visual.conv1.weight"].shape[0], state_dict["visual.conv1.weight"].shape[-1]
+        vision_layers, image_resolution = blocks("visual.transformer.resblocks"), patch * grid
     else:  # ModifiedResNet
-        vision_layers = tuple(count_blocks(state_dict, f"visual.layer{b}") for b in (1, 2, 3, 4))
-        vision_width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
-        vision_patch_size = None
-        image_resolution = 32 * round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_layers = tuple(blocks(f"visual.layer{b}") for b in (1, 2, 3, 4))
+        vision_width, patch, image_resolution = state_dict["visual.layer1.0.conv1.weight"].shape[0], None, 32 * grid
     width = state_dict["ln_final.weight"].shape[0]
-    model = CLIP(state_dict["text_projection"].shape[1], image_resolution, vision_layers, vision_width,
-                 vision_patch_size, context_length=state_dict["positional_embedding"].shape[0],
+    model = CLIP(state_dict["text_projection"].shape[1], image_resolution, vision_layers, vision_width, patch,
+                 context_length=state_dict["positional_embedding"].shape[0],
                  vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=width,
-                 transformer_heads=width // 64, transformer_layers=count_blocks(state_dict, "transformer.resblocks"))
+                 transformer_heads=width // 64, transformer_layers=blocks("transformer.resblocks"))
     model.load_state_dict(state_dict)
     return model
 
@@ -495,8 +486,8 @@ def read_state_dict(path):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {path}: it is neither a TorchScript archive nor a "
-                        f"state-dict file ({first_line(e)})") from None
+        raise UserError(f"cannot read {path}: it is neither a TorchScript archive nor a state-dict file "
+                        f"({first_line(e)})") from None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return state_dict
@@ -517,19 +508,17 @@ def load_clip(name_or_path, device="cpu", cache_dir=DEFAULT_CACHE):
     elif Path(name_or_path).is_file():
         path = name_or_path
     else:
-        raise UserError(f"unknown backbone {name_or_path!r}: use one of {', '.join(MODELS)} or the path of a "
-                        f"checkpoint file")
+        raise UserError(f"unknown backbone {name_or_path!r}: use one of {', '.join(MODELS)} or a checkpoint file")
     try:
         model = build_model(read_state_dict(path))
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{path} is not a CLIP checkpoint ({first_line(e)})") from None
-    model = model.float().to(device).eval().requires_grad_(False)
-    return model, image_transform(model.visual.input_resolution)
+    return model.float().to(device).eval().requires_grad_(False), image_transform(model.visual.input_resolution)
 
 
 # -----------------------------------------------------------------------------
 # Data: a CoOp split file and its images, or a folder of class folders. prepare_data.py lays out
-# the rest so (torchvision's downloads, FGVCAircraft's lists, ImageNet's folders).
+# the rest so (torchvision's downloads, FGVCAircraft's lists, ImageNet's folders, train/ and test/).
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_FILES_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -565,21 +554,18 @@ def images_in(folder):
     return sorted(Path(directory) / name for directory, _, names in os.walk(folder)
                   for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES)
 
-def split_per_class(items, num_classes, fractions=(0.5, 0.2)):
-    """(train, test): per class, 50% train, 20% val (unused) and 30% test, seeded with SPLIT_SEED."""
-    rng, train, test = np.random.default_rng(SPLIT_SEED), [], []
-    for c in range(num_classes):
-        members = [items[i] for i in rng.permutation(len(items)) if items[i][1] == c]
-        n_train, n_val = round(fractions[0] * len(members)), round(fractions[1] * len(members))
-        train, test = train + members[:n_train], test + members[n_train + n_val:]
-    return train, test
-
 def read_class_folders(folder, dropped=(), renamed=None):
-    """(classnames, train, test, split) of a folder of class folders; "_" in a name is a space."""
+    """(classnames, train, test, split) of a folder of class folders ("_" in a name is a space), split
+    per class into 50% train, 20% val (unused) and 30% test with SPLIT_SEED."""
     folders = [d for d in class_folders(folder) if d.name not in dropped]
     items = [(path, c) for c, d in enumerate(folders) for path in images_in(d)]
+    rng, train, test = np.random.default_rng(SPLIT_SEED), [], []
+    for c in range(len(folders)):
+        members = [items[i] for i in rng.permutation(len(items)) if items[i][1] == c]
+        n_train, n_val = round(0.5 * len(members)), round(0.2 * len(members))
+        train, test = train + members[:n_train], test + members[n_train + n_val:]
     classnames = [(renamed or {}).get(d.name, d.name).replace("_", " ") for d in folders]
-    return classnames, *split_per_class(items, len(folders)), f"generated, seed {SPLIT_SEED}"
+    return classnames, train, test, f"generated, seed {SPLIT_SEED}"
 
 def read_split_file(split_file, images):
     """(classnames, train, test, split) from a CoOp split file {"train": [[path, label, class name],
@@ -589,7 +575,8 @@ def read_split_file(split_file, images):
         split = json.loads(split_file.read_text())
         entries = [(part, path, int(label), name) for part in ("train", "test") for path, label, name in split[part]]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{split_file} is not a split file in CoOp's format ({type(e).__name__}: {e}); {damaged}") from None
+        raise UserError(f"{split_file} is not a split file in CoOp's format ({type(e).__name__}: {e}); {damaged}"
+                        ) from None
     names = {}
     for _, _, label, name in entries:
         if names.setdefault(label, name) != name:
@@ -608,8 +595,8 @@ def read_split_file(split_file, images):
     return classnames, train, test, f"{split_file.name} (sha256 {sha256_of(split_file)})"
 
 def load_dataset(root):
-    """The Dataset in root: a CoOp split file and its images, or a folder of class folders (also CoOp's
-    Caltech101 folder without its split file), split here."""
+    """The Dataset in root: a split file of DATASETS and its images, or a folder of class folders (also
+    CoOp's Caltech101 folder without its split file), split here."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; give an existing folder, or fetch one of CoOp's "
@@ -619,14 +606,13 @@ def load_dataset(root):
             return Dataset(*read_split_file(root / split_name, root / images), name, template)
     if (root / "split.json").is_file():  # prepare_data.py's, of DIR/train and DIR/test folders of class folders
         return Dataset(*read_split_file(root / "split.json", root), "image folder", "a photo of a {}.")
-    if (root / "101_ObjectCategories").is_dir():
-        read, name = read_class_folders(root / "101_ObjectCategories", CALTECH_DROPPED, CALTECH_RENAMED), "Caltech101"
-    elif any((root / marker).exists() for marker in ("images", "jpg", "2750", "SUN397", "UCF-101-midframes",
-                                                     "train", "variants.txt", "classnames.txt")):
+    name = "Caltech101" if (root / "101_ObjectCategories").is_dir() else "image folder"
+    if name != "Caltech101" and any((root / marker).exists() for marker in (
+            "images", "jpg", "2750", "SUN397", "UCF-101-midframes", "train", "variants.txt", "classnames.txt")):
         raise UserError(f"{root} holds a dataset in a layout dspt.py does not read; put CoOp's split file there "
                         f"({SPLIT_FILES_URL}), or run: python prepare_data.py {root}")
-    else:
-        read, name = read_class_folders(root), "image folder"
+    read = (read_class_folders(root / "101_ObjectCategories", CALTECH_DROPPED, CALTECH_RENAMED)
+            if name == "Caltech101" else read_class_folders(root))
     if len(read[0]) < 2 or not read[1] or not read[2]:
         raise UserError(f"data folder {root} holds no usable dataset: it needs a CoOp split file and its images, or "
                         f"at least two class folders of images; if it holds one of CoOp's datasets as torchvision "
@@ -695,8 +681,8 @@ class PromptLearner(nn.Module):
     def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
         super().__init__()
         self.clip, self.classnames = clip, list(classnames)
-        embed, context_length, device = clip.token_embedding, clip.positional_embedding.shape[0], clip.ln_final.weight.device
-        ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
+        embed, context_length = clip.token_embedding, clip.positional_embedding.shape[0]
+        device = embed.weight.device
         if ctx_init:
             try:
                 init_tokens = tokenizer.tokenize(ctx_init, context_length)[0]
@@ -708,10 +694,13 @@ class PromptLearner(nn.Module):
                 raise UserError(f"--ctx-init {ctx_init!r} is {n_words} tokens, which does not fit --n-ctx {n_ctx}; "
                                 f"give at least one word and an --n-ctx of at least {n_words}")
             words = embed(init_tokens[1:1 + n_words].to(device)).detach().float()
-            ctx = torch.cat([torch.zeros((n_ctx or n_words) - n_words, embed.embedding_dim, device=device), words])
+            ctx = torch.cat([words.new_zeros((n_ctx or n_words) - n_words, words.shape[1]), words])
+        else:
+            ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
         self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
         try:
-            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name}." for name in classnames], context_length)
+            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name}." for name in classnames],
+                                        context_length)
         except ValueError as e:
             raise UserError(f"a prompt does not fit: {e}") from None
         self.register_buffer("tokens", tokens.to(device), persistent=False)  # [C, context_length]
@@ -817,10 +806,10 @@ def grad_scaler(args):
 class PromptTuning:
     """CoOp's prompt tuning with a loss: the method train() steps. baselines.py's methods subclass it
     and change what they need: step's loss, the images' encoding, the figures added to each epoch's
-    record. loss_fn also gives train()'s per-sample gradient diagnostics."""
+    record. loss_fn also gives train()'s per-sample gradient diagnostics; scaler: grad_scaler(args)."""
     def __init__(self, learner, loss_fn, scaler=None):
         self.learner, self.loss_fn = learner, loss_fn
-        self.scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # grad_scaler(args) for fp16
+        self.scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
 
     def encode(self, images):  # what step() gets of a batch of images
         return self.learner.clip.encode_image(images)
@@ -829,7 +818,7 @@ class PromptTuning:
         logits = self.learner.clip.logits(image_features, self.learner.text_features())
         return logits, self.loss_fn(logits, target)
 
-    def epoch_record(self, epoch):
+    def epoch_record(self, epoch):  # the method's own figures for the epoch's record
         return {}
 
 @torch.no_grad()
@@ -869,8 +858,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"the checkpoint {path} is damaged ({first_line(e)}); delete it, or pass --fresh to "
-                        f"start the run over") from None
+        raise UserError(f"the checkpoint {path} is damaged ({first_line(e)}); delete it, or pass --fresh") from None
 
 def train(method, items, labels, noisy, args, checkpoint=None):
     """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the
@@ -960,9 +948,9 @@ def build_parser():
     """The command line's parser; baselines.py adds its flags to it."""
     parser = argparse.ArgumentParser(
         description="Double-Softmax Prompt Tuning (DSPT) of CLIP on few-shot data with noisy labels.",
-        epilog="--data holds a CoOp split file (split_zhou_<Name>.json, for " + ", ".join(DATASETS) + ") with the "
-               "dataset's images in their folder beside it, as CoOp lays them out; or a folder of class folders "
-               "of images (also CoOp's Caltech101 without its split file), split here 50/20/30 per class, the "
+        epilog="--data holds a CoOp split file (split_zhou_<Name>.json, for " + ", ".join(DATASETS) + ") and the "
+               "dataset's images in their folder beside it, as CoOp lays them out; or a folder of class folders of "
+               "images (also CoOp's Caltech101 folder without its split file), split here 50/20/30 per class, the "
                "same for every --seed. prepare_data.py lays out other layouts so; predict.py uses a learned prompt.")
     add = parser.add_argument
     add("--data", metavar="DIR", required=True, help="dataset folder (see below)")
@@ -1072,15 +1060,12 @@ def finished_or_resumable(args):
     if args.fresh:
         metrics.unlink(missing_ok=True)
         checkpoint.unlink(missing_ok=True)
-    if metrics.is_file():
-        try:
-            saved = json.loads(metrics.read_text())
-        except ValueError:
-            raise UserError(f"{metrics} is damaged; delete it, or pass --fresh to run again") from None
-    elif checkpoint.is_file():
-        saved = load_checkpoint(checkpoint)
-    else:
+    if not (metrics.is_file() or checkpoint.is_file()):
         return None
+    try:
+        saved = json.loads(metrics.read_text()) if metrics.is_file() else load_checkpoint(checkpoint)
+    except ValueError:
+        raise UserError(f"{metrics} is damaged; delete it, or pass --fresh to run again") from None
     ours, theirs = command(args), saved.get("command", {})
     for key in {**ours, **theirs}:  # a key only one has (baselines.py's --method) differs too
         if theirs.get(key, "(none)") != ours.get(key, "(none)"):
