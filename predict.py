@@ -8,10 +8,12 @@ classes of some images.
 
 --eval writes eval.json to --out (default: the prompt's folder). --classify prints a line per
 image: its path, then its top-5 classes and their probabilities, tab-separated. In Python,
-load_prompt(path, clip, tokenizer) gives the PackedPromptLearner a run saved.
+load_prompt(path, clip, tokenizer) gives the PackedPromptLearner a run saved, and
+read_training_sample(path, data) the training sample and noisy labels it trained on.
 """
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -42,6 +44,15 @@ def load_prompt(path, clip, tokenizer, backbone=None):
                              f"({saved.get('backbone')})")
     learner.ctx.data.copy_(ctx)
     return learner
+
+
+def read_training_sample(path, data):
+    """(items, given labels, mask of the wrong ones) from a run's training_sample.csv, to reuse its labels."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    items = [(Path(data) / row["path"], int(row["true_label"])) for row in rows]
+    given = torch.tensor([int(row["given_label"]) for row in rows])
+    return items, given, given != torch.tensor([label for _, label in items])
 
 
 def evaluate(args):

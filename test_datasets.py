@@ -16,6 +16,7 @@ from PIL import Image
 from test_dspt import expect_user_error, image_folder, make_images, run_main, tiny_checkpoint  # noqa: F401
 
 import dspt  # noqa: E402
+import predict  # noqa: E402
 import prepare_data  # noqa: E402
 
 # CoOp's zero-shot templates, as its code has them.
@@ -196,9 +197,7 @@ def test_training_sample_file_round_trips(tmp_path, image_folder, tiny_checkpoin
     assert [row["path"] for row in rows] == [str(Path(p).relative_to(image_folder)) for p, _ in items]
     assert all(row["true_class"] == metrics["classnames"][int(row["true_label"])] for row in rows)
     assert all(row["given_class"] == metrics["classnames"][int(row["given_label"])] for row in rows)
-    read_items = [(image_folder / row["path"], int(row["true_label"])) for row in rows]
-    read_given = torch.tensor([int(row["given_label"]) for row in rows])
-    read_noisy = read_given != torch.tensor([label for _, label in read_items])
+    read_items, read_given, read_noisy = predict.read_training_sample(path, image_folder)
     assert [(Path(p), label) for p, label in items] == read_items
     assert torch.equal(read_given, given) and torch.equal(read_noisy, noisy) and read_noisy.sum() == 6
 

@@ -5,7 +5,8 @@ A training step encodes a batch of images (frozen, no gradient), encodes every c
 prompt with the learned context, takes the double-softmax loss, back-propagates to the
 context and makes an SGD step. The step is timed, and separately its two parts, for
 
-    (a) full:      every class's whole 77-token prompt through the text transformer, as CoOp does;
+    (a) full:      dspt.PromptLearner, CoOp's prompt learner as CoOp writes it: every class's whole
+                   77-token prompt through the text transformer;
     (b) truncated: the same, cut after the last EOT (later positions cannot affect it);
     (c) dspt:      dspt.PackedPromptLearner, which packs the prompts into rows that share the
                    prefix "[SOT] ctx", without the padding after each EOT (dspt.pack_prompts).
@@ -73,17 +74,17 @@ def imagenet_classnames():
 CLASSNAMES = {"caltech101": lambda: CALTECH101, "imagenet": imagenet_classnames}
 
 
-class CoOpPrompts(nn.Module):
-    """CoOp's text side written out: "[SOT] ctx_1 .. ctx_n name . [EOT]" built for every class
-    and run whole through the transformer. truncate: only up to the last EOT, not all 77 positions."""
+class TruncatedPrompts(nn.Module):
+    """CoOp's text side written out: "[SOT] ctx_1 .. ctx_n name . [EOT]" built for every class and
+    run through the transformer up to the last EOT, not all 77 positions."""
 
-    def __init__(self, clip, classnames, tokenizer, truncate):
+    def __init__(self, clip, classnames, tokenizer):
         super().__init__()
         self.clip = clip
         tokens = tokenizer.tokenize([" ".join(["x"] * N_CTX) + f" {name}." for name in classnames])
         tokens = tokens.to(clip.positional_embedding.device)
         self.register_buffer("eot", tokens.argmax(dim=-1))
-        self.length = int(self.eot.max()) + 1 if truncate else tokens.shape[1]
+        self.length = int(self.eot.max()) + 1
         with torch.no_grad():
             embedded = clip.token_embedding(tokens[:, :self.length])
         self.register_buffer("sot_embedding", embedded[:, :1])  # [C, 1, D]
@@ -106,9 +107,11 @@ def build_clip(backbone, args, dtype):
 
 def build_prompts(clip, variant, args):
     classnames, tokenizer = CLASSNAMES[args.classnames]()[:args.classes], dspt.load_tokenizer(args.bpe)
+    if variant == "a":
+        return dspt.PromptLearner(clip, classnames, tokenizer, n_ctx=N_CTX)
     if variant == "c":
         return dspt.PackedPromptLearner(clip, classnames, tokenizer, n_ctx=N_CTX)
-    return CoOpPrompts(clip, classnames, tokenizer, truncate=variant == "b")
+    return TruncatedPrompts(clip, classnames, tokenizer)
 
 
 def text_tokens(prompts):
