@@ -343,8 +343,8 @@ def weak_alignment_loss(logits, clean_logits):
 
 
 class ANPrompt(nn.Module, dspt.PromptTuning):
-    """ANPrompt for dspt.train (its step, and its encode: the frozen part of the image encoder) as reconstructed here (its code is
-    unreleased; every choice below is inferred from its description).
+    """ANPrompt for dspt.train (its step, and its encode: the frozen part of the image encoder), as
+    reconstructed here (its code is unreleased; every choice below is inferred from its description).
 
     Noise prompts N [n_ctx, E]: noise_prompts of the class names. Anti-noise prompts: in each of
     the deeper half of the text transformer's layers, A_l = T_l + N W_t is added to the hidden
@@ -528,74 +528,75 @@ def check_args(args):
 
 
 def run(args):
-    """Train and evaluate args.method; returns the metrics, also written to --out."""
+    """Train and evaluate args.method; returns the metrics, also written to --out, which the run holds meanwhile."""
     check_args(args)
-    finished = dspt.finished_or_resumable(args)
-    if finished:
-        print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy {finished['test_accuracy']:.2%}); "
-              f"pass --fresh to run it again")
-        return finished
-    dataset, tokenizer, clip, preprocess = dspt.load(args)
-    classnames, train_items, test_items = dataset.classnames, dataset.train, dataset.test
-    with torch.no_grad(), dspt.autocast(args):
-        template_features = clip.encode_text(tokenizer.tokenize(
-            [(args.template or dataset.template).format(name) for name in classnames]).to(args.device))
-    if args.method == "upl":
-        pool_size = len(train_items)
-        train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
-            clip, preprocess, train_items, template_features, args)
-        extra = {"pseudo_label_pool": pool_size, "pseudo_label_accuracy": 1 - noisy.float().mean().item()}
-        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
-              f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
-              f"{args.backbone} on {args.device} ({args.precision})")
-    else:
-        train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args)
-        extra = {}
-        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} with "
-              f"wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} ({args.precision})")
-
-    test_features, test_labels, unreadable_test = dspt.encode_test_set(clip, dataset, preprocess, args)
-    zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
-    print(f"zero-shot test accuracy {zero_shot:.2%}")
-
-    learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    loss_fn, scaler = dspt.LOSSES[args.loss], dspt.grad_scaler(args)
-    if args.method == "prograd":
-        method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
-    elif args.method in ("nlprompt", "visprompt"):
-        with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
-            features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
-                                                         "encoding training images for optimal transport")
-        method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
-                                                                         scaler)
-    elif args.method == "anprompt":
-        noise = noise_prompts(clip, tokenizer, classnames, args.template or dataset.template, len(learner.ctx))
-        method = ANPrompt(learner, noise, loss_fn, scaler=scaler)
-    else:  # coop, upl
-        method = dspt.PromptTuning(learner, loss_fn, scaler)
-    history = dspt.train(method, train_items, labels, noisy, args, Path(args.out) / "checkpoint.pt")
-    with torch.no_grad(), dspt.autocast(args):
-        if args.method == "visprompt":  # each test image with its own prompts
-            logits = torch.cat([method.logits(chunk) for chunk in test_features.split(256)])
-        elif args.method == "anprompt":  # each test image through the prompted encoder again
-            logits, _, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
-                                              lambda images: method.logits(method.encode(images)))
+    with dspt.owning(args.out):
+        finished = dspt.finished_or_resumable(args)
+        if finished:
+            print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy "
+                  f"{finished['test_accuracy']:.2%}); pass --fresh to run it again")
+            return finished
+        dataset, tokenizer, clip, preprocess = dspt.load(args)
+        classnames, train_items, test_items = dataset.classnames, dataset.train, dataset.test
+        template_features = dspt.zero_shot_text_features(clip, tokenizer, args.template or dataset.template,
+                                                         classnames, args)
+        if args.method == "upl":
+            pool_size = len(train_items)
+            train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
+                clip, preprocess, train_items, template_features, args)
+            extra = {"pseudo_label_pool": pool_size, "pseudo_label_accuracy": 1 - noisy.float().mean().item()}
+            print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
+                  f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
+                  f"{args.backbone} on {args.device} ({args.precision})")
         else:
-            logits = clip.logits(test_features, learner.text_features())
-        final = dspt.accuracy(logits, test_labels)
-    print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
+            train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args)
+            extra = {}
+            print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
+                  f"with wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} "
+                  f"({args.precision})")
 
-    metrics = {
-        "method": args.method,
-        "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
-        "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
-        "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
-        "unreadable_images": unreadable + unreadable_test,
-        "noise_rate": noisy.float().mean().item(), **extra,
-        "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
-    }
-    dspt.save_outputs(args, learner, dataset, train_items, labels, metrics)
-    return metrics
+        test_features, test_labels, unreadable_test = dspt.encode_test_set(clip, dataset, preprocess, args)
+        zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
+        print(f"zero-shot test accuracy {zero_shot:.2%}")
+
+        learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+        loss_fn, scaler = dspt.LOSSES[args.loss], dspt.grad_scaler(args)
+        if args.method == "prograd":
+            method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
+        elif args.method in ("nlprompt", "visprompt"):
+            with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
+                features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
+                                                             "encoding training images for optimal transport")
+            method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
+                                                                             scaler)
+        elif args.method == "anprompt":
+            noise = noise_prompts(clip, tokenizer, classnames, args.template or dataset.template, len(learner.ctx))
+            method = ANPrompt(learner, noise, loss_fn, scaler=scaler)
+        else:  # coop, upl
+            method = dspt.PromptTuning(learner, loss_fn, scaler)
+        history = dspt.train(method, train_items, labels, noisy, args, Path(args.out) / "checkpoint.pt")
+        with torch.no_grad(), dspt.autocast(args):
+            if args.method == "visprompt":  # each test image with its own prompts
+                logits = torch.cat([method.logits(chunk) for chunk in test_features.split(256)])
+            elif args.method == "anprompt":  # each test image through the prompted encoder again
+                logits, _, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
+                                                  lambda images: method.logits(method.encode(images)))
+            else:
+                logits = clip.logits(test_features, learner.text_features())
+            final = dspt.accuracy(logits, test_labels)
+        print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
+
+        metrics = {
+            "method": args.method,
+            "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
+            "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
+            "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
+            "unreadable_images": unreadable + unreadable_test,
+            "noise_rate": noisy.float().mean().item(), **extra,
+            "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
+        }
+        dspt.save_outputs(args, learner, dataset, train_items, labels, metrics)
+        return metrics
 
 
 def main(argv=None):

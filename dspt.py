@@ -16,8 +16,10 @@ reverse: prepare_data.py (dataset layouts), predict.py (using a prompt), baselin
 """
 
 import argparse
+import contextlib
 import csv
 import ctypes
+import fcntl
 import gzip
 import hashlib
 import html
@@ -28,7 +30,6 @@ import os
 import sys
 import tempfile
 import time
-import urllib.error
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
@@ -394,13 +395,22 @@ def progress(items, total, desc):
                   file=sys.stderr, flush=True)
 
 def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside path, then rename it to path."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".part")
+    """Call write(file_object) on a temporary file beside path, then rename it to path: a file that
+    is there stays whole until the new one is. The file gets the mode the umask gives, not mkstemp's 0600."""
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".part")
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); give a place you can write to") from None
+    try:
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:  # e.g. no space left on the device
+        raise UserError(f"cannot write {path} ({e.strerror}); the file that was there, if any, is intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -421,7 +431,7 @@ def download(url, path, sha256):
         except RuntimeError as e:  # the SHA256 differs
             raise UserError(f"checksum mismatch for {url}: {first_line(e)}; the download is corrupt, run again"
                             ) from None
-        except (urllib.error.URLError, OSError) as e:
+        except OSError as e:  # urllib's URLError is one
             raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); fetch it by hand and put it at "
                             f"{path}") from None
     return Path(path)
@@ -435,10 +445,14 @@ def load_tokenizer(bpe_path=None, cache_dir=DEFAULT_CACHE):
                         f"or leave --bpe unset to download it")
     bpe_path = bpe_path or download(BPE_URL, Path(cache_dir) / "bpe_simple_vocab_16e6.txt.gz", BPE_SHA256)
     try:
-        return Tokenizer(bpe_path)
+        tokenizer = Tokenizer(bpe_path)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # gzip.BadGzipFile is an OSError
         raise UserError(f"cannot read the BPE merges file {bpe_path} ({first_line(e)}); give the path of "
                         f"bpe_simple_vocab_16e6.txt.gz as it is distributed") from None
+    if sha256_of(bpe_path) != BPE_SHA256:  # a reordered merge gives other token ids without any error
+        raise UserError(f"the BPE merges file {bpe_path} is not CLIP's (its SHA256 is not {BPE_SHA256}); give "
+                        f"bpe_simple_vocab_16e6.txt.gz as it is distributed")
+    return tokenizer
 
 def build_model(state_dict):
     """A CLIP whose architecture is read off the state dict's shapes, with those weights."""
@@ -455,10 +469,12 @@ def build_model(state_dict):
     else:  # ModifiedResNet
         vision_layers = tuple(blocks(f"visual.layer{b}") for b in (1, 2, 3, 4))
         vision_width, patch, image_resolution = state_dict["visual.layer1.0.conv1.weight"].shape[0], None, 32 * grid
-    width = state_dict["ln_final.weight"].shape[0]
+    width, vocab_size = state_dict["ln_final.weight"].shape[0], state_dict["token_embedding.weight"].shape[0]
+    if width % 64 or vocab_size != 49408:  # CLIP's heads are 64 wide; the tokenizer's vocabulary has 49,408 entries
+        raise KeyError(f"a text width of {width} (not a multiple of 64) or a vocabulary of {vocab_size} (not 49408)")
     model = CLIP(state_dict["text_projection"].shape[1], image_resolution, vision_layers, vision_width, patch,
                  context_length=state_dict["positional_embedding"].shape[0],
-                 vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=width,
+                 vocab_size=vocab_size, transformer_width=width,
                  transformer_heads=width // 64, transformer_layers=blocks("transformer.resblocks"))
     model.load_state_dict(state_dict)
     return model
@@ -891,7 +907,7 @@ def train(method, items, labels, noisy, args, checkpoint=None):
                 yield image_features, index
     history = []
     if checkpoint and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint)
+        state = same_run(load_checkpoint(checkpoint), checkpoint, args)
         for name, value in state["trained"].items():
             trained[name].data.copy_(value)
         optimizer.load_state_dict(state["optimizer"])
@@ -905,7 +921,7 @@ def train(method, items, labels, noisy, args, checkpoint=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses, correct, norms, is_noisy = [], [], [], []
-        for image_features, index in progress(batches(), steps, f"epoch {epoch + 1}"):
+        for step, (image_features, index) in enumerate(progress(batches(), steps, f"epoch {epoch + 1}"), 1):
             target = labels[index].to(args.device)
             with autocast(args):
                 logits, loss = method.step(image_features, target, index, epoch)
@@ -914,6 +930,11 @@ def train(method, items, labels, noisy, args, checkpoint=None):
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
+            finite = all(p.isfinite().all() for p in trained.values())
+            if not (finite and math.isfinite(losses[-1])):
+                raise UserError(f"training diverged at epoch {epoch + 1}, step {step} (loss {losses[-1]:.4g}, trained "
+                                f"parameters {'' if finite else 'not '}finite): lower --lr ({args.lr:g}); no result "
+                                f"is written, and the checkpoint of the last finished epoch is kept")
             correct.append((logits.argmax(dim=-1) == target).cpu())
             norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
             is_noisy.append(noisy[index])
@@ -1000,22 +1021,32 @@ def gpu_is_visible():
     """Whether the system shows an NVIDIA GPU, whether or not torch can use it."""
     return any(Path("/dev").glob("nvidia[0-9]*")) or os.path.exists("/usr/bin/nvidia-smi")
 
+def check_numbers(args, rules):
+    """rules: (flag, whether its value is valid, what it must be); the first invalid one is an error."""
+    for flag, valid, wanted in rules:
+        if not valid:
+            raise UserError(f"{flag} must be {wanted}, not {getattr(args, flag[2:].replace('-', '_'))}")
+
 def check_model_args(args):
     """Check the flags of add_model_flags; settle --device, --precision and the frozen model's dtype."""
-    try:  # format() fails on braces other than {}
-        one_slot = args.template is None or (args.template.count("{}") == 1 and args.template.format("") is not None)
+    try:  # format() fails on braces other than {}; "{{}}" formats to "{}", no place for a name
+        one_slot = args.template is None or args.template.format("\0").count("\0") == 1
     except (IndexError, KeyError, ValueError):
         one_slot = False
     if not one_slot:
         raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, and no other "
                         f"braces; e.g. \"a photo of a {{}}.\"")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    check_numbers(args, [("--batch-size", args.batch_size >= 1, "at least 1"), ("--workers", args.workers >= 0,
+                                                                                 "0 or more")])
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cpu" and gpu_is_visible():
             warn(f"an NVIDIA GPU is visible but this torch ({torch.__version__}) cannot use CUDA, so it runs "
                  f"on the CPU, many times slower; install a CUDA build of torch, or pass --device cpu")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} was asked for but this torch ({torch.__version__}) cannot use "
                         f"CUDA; install a CUDA build of torch, or use --device cpu")
@@ -1026,17 +1057,18 @@ def check_model_args(args):
 
 def check_args(args):
     """Check the parsed arguments once, and fill in the defaults that depend on others."""
-    if not 0 <= args.noise < 1:
-        raise UserError(f"--noise {args.noise} is outside [0, 1); give a fraction such as 0.5")
-    for name in ("shots", "n_ctx", "epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    check_numbers(args, [
+        ("--noise", 0 <= args.noise < 1, "in [0, 1), a fraction such as 0.5"), ("--shots", args.shots >= 1, "at least 1"),
+        ("--n-ctx", args.n_ctx is None or args.n_ctx >= 1, "at least 1"), ("--epochs", args.epochs >= 1, "at least 1"),
+        ("--lr", math.isfinite(args.lr) and args.lr > 0, "a positive number such as 0.002"),
+        ("--seed", 0 <= args.seed < 2**63, "a whole number from 0 to 2^63 - 1")])
     args.n_ctx = args.n_ctx or (None if args.ctx_init else 16)  # CoOp's; with --ctx-init, as many as its tokens
     check_model_args(args)
-    if args.out is None:
+    if args.out is None:  # named by the settings people compare, and a digest of every argument that decides the run
         backbone = Path(args.backbone).stem if Path(args.backbone).is_file() else args.backbone.replace("/", "-")
+        digest = hashlib.sha256(json.dumps(command(args), sort_keys=True).encode()).hexdigest()[:8]
         args.out = (f"runs/{Path(args.data).resolve().name}-{backbone}-{args.loss}-{args.noise_kind}{args.noise:g}"
-                    f"-{args.shots}shot-seed{args.seed}")
+                    f"-{args.shots}shot-seed{args.seed}-{digest}")
 
 def load_model(args):
     """(tokenizer, clip in --precision, preprocess) for checked args."""
@@ -1053,6 +1085,48 @@ def command(args):
     kept = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "bpe", "fresh", "dtype")}
     return {**kept, "data": str(Path(args.data).resolve())}
 
+def same_run(saved, path, args):
+    """saved (read from path: metrics.json or checkpoint.pt), if a run with these arguments wrote it."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged (it holds a {type(saved).__name__}); delete it, or pass --fresh")
+    ours, theirs = command(args), saved.get("command", {})
+    for key in {**ours, **theirs}:  # a key only one has (baselines.py's --method) differs too
+        if theirs.get(key, "(none)") != ours.get(key, "(none)"):
+            raise UserError(f"{path} is of a run with --{key.replace('_', '-')} {theirs.get(key, '(none)')}, not "
+                            f"{ours.get(key, '(none)')}; give another --out, or pass --fresh to start over in {args.out}")
+    return saved
+
+@contextlib.contextmanager
+def owning(out):
+    """Hold the folder out while a run writes there: a second run into it stops at once, naming this one.
+    The lock (flock) dies with the process; a folder made here for a run that failed is removed again."""
+    made = not Path(out).exists()
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(out) / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"cannot write in --out {out} ({e.strerror}); give a folder you can write to") from None
+    try:
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                raise UserError(f"{out} is in use by another run ({lock.read().strip() or 'starting'}); wait for it "
+                                f"to end, or give another --out") from None
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+            lock.flush()
+            try:
+                yield
+            finally:
+                lock.truncate(0)
+    except BaseException:
+        if made and [p.name for p in Path(out).iterdir()] == [".lock"]:
+            (Path(out) / ".lock").unlink()
+            Path(out).rmdir()
+        raise
+
 def finished_or_resumable(args):
     """The metrics of the same run finished in --out, else None (train() continues a checkpoint there,
     if any). Results or a checkpoint of a run with other arguments are refused; --fresh discards both."""
@@ -1060,19 +1134,13 @@ def finished_or_resumable(args):
     if args.fresh:
         metrics.unlink(missing_ok=True)
         checkpoint.unlink(missing_ok=True)
-    if not (metrics.is_file() or checkpoint.is_file()):
-        return None
-    try:
-        saved = json.loads(metrics.read_text()) if metrics.is_file() else load_checkpoint(checkpoint)
-    except ValueError:
-        raise UserError(f"{metrics} is damaged; delete it, or pass --fresh to run again") from None
-    ours, theirs = command(args), saved.get("command", {})
-    for key in {**ours, **theirs}:  # a key only one has (baselines.py's --method) differs too
-        if theirs.get(key, "(none)") != ours.get(key, "(none)"):
-            raise UserError(f"{metrics if metrics.is_file() else checkpoint} is of a run with --{key.replace('_', '-')}"
-                            f" {theirs.get(key, '(none)')}, not {ours.get(key, '(none)')}; give another --out, or "
-                            f"pass --fresh to start over in {args.out}")
-    return saved if metrics.is_file() else None
+    if metrics.is_file():
+        try:
+            return same_run(json.loads(metrics.read_text()), metrics, args)
+        except ValueError:
+            raise UserError(f"{metrics} is damaged; delete it, or pass --fresh to run again") from None
+    if checkpoint.is_file():
+        same_run(load_checkpoint(checkpoint), checkpoint, args)
 
 def noisy_few_shot(train_items, num_classes, args):
     """(--shots items per class, their labels with --noise, mask of the wrong ones, n_unreadable)."""
@@ -1086,10 +1154,20 @@ def encode_test_set(clip, dataset, preprocess, args):
     features, kept, unreadable = encode_images(clip, dataset.test, preprocess, args, "encoding test images")
     return features, torch.tensor([dataset.test[i][1] for i in kept.tolist()], device=args.device), unreadable
 
+def zero_shot_text_features(clip, tokenizer, template, classnames, args):
+    """Zero-shot CLIP's text features [C, embed_dim]: template filled with each class name."""
+    try:
+        tokens = tokenizer.tokenize([template.format(name) for name in classnames])
+    except ValueError as e:
+        raise UserError(f"a zero-shot prompt does not fit: {e}; shorten --template or the class name") from None
+    with torch.no_grad(), autocast(args):
+        return clip.encode_text(tokens.to(args.device))
+
 def save_outputs(args, learner, dataset, items, given, metrics):
     """prompt.pt, training_sample.csv (each image with its true and given label) and metrics.json in
     --out, each written whole or not at all."""
     out, text = Path(args.out), io.StringIO()
+    metrics_json = json.dumps(metrics, indent=2, allow_nan=False)  # valid JSON, or nothing is written
     atomic_write(out / "prompt.pt", lambda f: torch.save({
         "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone,
         "trained": {n: p.detach().cpu() for n, p in learner.named_parameters() if p.requires_grad and n != "ctx"}}, f))
@@ -1099,43 +1177,42 @@ def save_outputs(args, learner, dataset, items, given, metrics):
         image = Path(image).relative_to(args.data) if Path(image).is_relative_to(args.data) else Path(image)
         rows.writerow([image.as_posix(), label, given_label, dataset.classnames[label], dataset.classnames[given_label]])
     atomic_write(out / "training_sample.csv", lambda f: f.write(text.getvalue().encode()))
-    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    atomic_write(out / "metrics.json", lambda f: f.write(metrics_json.encode()))
     print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
 
 def run(args):
-    """Train and evaluate; returns the metrics, also written to --out."""
+    """Train and evaluate; returns the metrics, also written to --out, which the run holds meanwhile."""
     check_args(args)
-    finished = finished_or_resumable(args)
-    if finished:
-        print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy {finished['test_accuracy']:.2%}); "
-              f"pass --fresh to run it again")
-        return finished
-    dataset, tokenizer, clip, preprocess = load(args)
-    classnames = dataset.classnames
-    train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
-    print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
-          f"with wrong labels), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
-    # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
-    test_features, test_labels, unreadable_test = encode_test_set(clip, dataset, preprocess, args)
-    with torch.no_grad(), autocast(args):
-        template_features = clip.encode_text(tokenizer.tokenize(
-            [(args.template or dataset.template).format(name) for name in classnames]).to(args.device))
-    zero_shot = accuracy(clip.logits(test_features, template_features), test_labels)
-    print(f"zero-shot test accuracy {zero_shot:.2%}")
-    learner = PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-    history = train(PromptTuning(learner, LOSSES[args.loss], grad_scaler(args)), train_items, given, noisy, args,
-                    checkpoint=Path(args.out) / "checkpoint.pt")
-    with torch.no_grad(), autocast(args):
-        final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
-    print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
-    metrics = {
-        "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
-        "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
-        "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
-        "unreadable_images": unreadable + unreadable_test, "noise_rate": noisy.float().mean().item(),
-        "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history}
-    save_outputs(args, learner, dataset, train_items, given, metrics)
-    return metrics
+    with owning(args.out):
+        finished = finished_or_resumable(args)
+        if finished:
+            print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy {finished['test_accuracy']:.2%}); "
+                  f"pass --fresh to run it again")
+            return finished
+        dataset, tokenizer, clip, preprocess = load(args)
+        classnames = dataset.classnames
+        train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
+        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
+              f"with wrong labels), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
+        # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
+        test_features, test_labels, unreadable_test = encode_test_set(clip, dataset, preprocess, args)
+        template_features = zero_shot_text_features(clip, tokenizer, args.template or dataset.template, classnames, args)
+        zero_shot = accuracy(clip.logits(test_features, template_features), test_labels)
+        print(f"zero-shot test accuracy {zero_shot:.2%}")
+        learner = PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+        history = train(PromptTuning(learner, LOSSES[args.loss], grad_scaler(args)), train_items, given, noisy, args,
+                        checkpoint=Path(args.out) / "checkpoint.pt")
+        with torch.no_grad(), autocast(args):
+            final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
+        print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
+        metrics = {
+            "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
+            "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
+            "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
+            "unreadable_images": unreadable + unreadable_test, "noise_rate": noisy.float().mean().item(),
+            "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history}
+        save_outputs(args, learner, dataset, train_items, given, metrics)
+        return metrics
 
 def reuse_freed_memory():
     """Have glibc (Linux) keep freed memory for reuse, rather than pay at every step for the page

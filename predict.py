@@ -69,8 +69,9 @@ def evaluate(args):
                   "test_images": len(labels), "unreadable_images": unreadable,
                   "test_accuracy": dspt.accuracy(clip.logits(features, learner.text_features()), labels)}
     out = Path(args.out or Path(args.eval).parent)
-    dspt.atomic_write(out / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"test accuracy {result['test_accuracy']:.2%} on {len(labels)} images; wrote {out / 'eval.json'}")
+    print(f"test accuracy {result['test_accuracy']:.2%} on {len(labels)} images", flush=True)  # before writing can fail
+    dspt.atomic_write(out / "eval.json", lambda f: f.write(json.dumps(result, indent=2, allow_nan=False).encode()))
+    print(f"wrote {out / 'eval.json'}")
     return result
 
 
@@ -89,8 +90,8 @@ def classify(args):
             classnames, text_features = learner.classnames, learner.text_features()
         else:
             classnames = [name.strip() for name in args.classnames.split(",")]
-            template = args.template or "a photo of a {}."
-            text_features = clip.encode_text(tokenizer.tokenize([template.format(c) for c in classnames]).to(args.device))
+            text_features = dspt.zero_shot_text_features(clip, tokenizer, args.template or "a photo of a {}.",
+                                                         classnames, args)
         features = clip.encode_image(torch.stack(images).to(args.device, args.dtype))
         probabilities = clip.logits(features, text_features).softmax(dim=-1).cpu()
     for path, p in zip(args.classify, probabilities):
@@ -123,6 +124,9 @@ def run(args):
         raise dspt.UserError("--eval needs --data DIR, the dataset whose test split to evaluate on")
     if args.classify and not (args.prompt or args.classnames):
         raise dspt.UserError("--classify needs the classes: --prompt PROMPT (a prompt.pt) or --classnames A,B,...")
+    if args.classnames and not all(name.strip() for name in args.classnames.split(",")):
+        raise dspt.UserError(f"--classnames {args.classnames!r} has an empty class name; give names separated by "
+                             f"single commas, e.g. \"cat,dog\"")
     dspt.check_model_args(args)
     return evaluate(args) if args.eval else classify(args)
 

@@ -65,13 +65,33 @@ class Run:
                         "--seed", str(seed), *extra, "--out", str(self.folder)]
 
     def metrics(self):
+        """The run's metrics.json, checked to be of the run this folder stands for."""
         path = self.folder / "metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        metrics = read_json(path)
+        script, *flags = METHODS[self.method]
+        wanted = {"data": str(Path(self.data).resolve()), "seed": self.seed, "noise": self.rate,
+                  **({"noise_kind": self.kind} if self.kind != "none" else {}),
+                  **{flag[2:]: value for flag, value in zip(flags, flags[1:]) if flag in ("--loss", "--method")}}
+        recorded = metrics.get("command", {}) if isinstance(metrics, dict) else {}
+        for key, value in wanted.items():
+            if recorded.get(key) != value:
+                raise dspt.UserError(f"{path} is of a run with --{key.replace('_', '-')} {recorded.get(key)}, not "
+                                     f"{value}: it does not belong in {self.folder}; delete it to run it again")
+        return metrics
 
     def status(self):
         if (self.folder / "metrics.json").is_file():
             return "finished"
         return "failed" if (self.folder / "failed.txt").is_file() else "missing"
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise dspt.UserError(f"{path} is damaged ({e}); delete it (a run's folder then runs again)") from None
 
 
 def grid(args):
@@ -283,9 +303,11 @@ def main(argv=None):
     args = parse_args(argv)
     runs = grid(args)
     record = Path(args.out) / "sweep.json"  # a finished run counts only if made with these arguments
-    if record.is_file() and json.loads(record.read_text())["extra"] != args.extra:
+    recorded = read_json(record) if record.is_file() else {"extra": args.extra}
+    if not isinstance(recorded, dict) or recorded.get("extra") != args.extra:
         raise dspt.UserError(f"{args.out} holds a sweep whose runs had the arguments "
-                             f"{json.loads(record.read_text())['extra']}, not {args.extra}; give another --out")
+                             f"{recorded.get('extra') if isinstance(recorded, dict) else recorded}, not {args.extra}; "
+                             f"give another --out")
     if not record.is_file() and not args.report:
         dspt.atomic_write(record, lambda f: f.write(json.dumps({"extra": args.extra}).encode()))
     pending = [run for run in runs if run.status() != "finished"]

@@ -8,6 +8,7 @@ image folder, --method coop against dspt.py itself."""
 import argparse
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -602,7 +603,7 @@ def test_upl_refuses_label_noise_and_lambda_outside_0_1(tmp_path, image_folder, 
 def test_default_output_folder_names_the_method():
     args = baselines.parse_args(["--data", "somewhere", "--method", "nlprompt", "--device", "cpu"])
     baselines.check_args(args)
-    assert args.out == "runs/nlprompt-somewhere-RN50-dspt-sym0-16shot-seed1"
+    assert re.fullmatch(r"runs/nlprompt-somewhere-RN50-dspt-sym0-16shot-seed1-[0-9a-f]{8}", args.out), args.out
 
 
 def test_help_documents_the_methods_and_every_dspt_flag(capsys):

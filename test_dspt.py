@@ -800,7 +800,7 @@ def test_missing_and_empty_data_folders(tmp_path, tiny_checkpoint, capsys):
 def test_noise_rate_outside_0_1(tmp_path, image_folder, tiny_checkpoint, capsys):
     for rate in ("1.0", "-0.2"):
         expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tiny_checkpoint),
-                                   "--noise", rate, "--out", str(tmp_path / "out")], "outside [0, 1)")
+                                   "--noise", rate, "--out", str(tmp_path / "out")], "--noise must be in [0, 1)")
     assert not (tmp_path / "out").exists()
 
 
@@ -817,6 +817,15 @@ BAD_ARGUMENTS = [
     (["--ctx-init", "word " * 80], "longer than the text context of 77 tokens"),
     (["--ctx-init", "a photo of a", "--n-ctx", "3"], "is 4 tokens, which does not fit --n-ctx 3"),
     (["--ctx-init", " "], "give at least one word"),
+    (["--lr", "-0.01"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 2^63 - 1, not -1"),
+    (["--seed", str(2**64)], "--seed must be a whole number from 0 to 2^63 - 1"),
+    (["--workers", "-1"], "--workers must be 0 or more, not -1"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--template", "a photo of a {{}}."], "must hold one {}"),
+    (["--template", "a photo of a {} " + "very " * 80], ("a zero-shot prompt does not fit", "tokens long, more than")),
 ]
 
 
@@ -824,7 +833,8 @@ BAD_ARGUMENTS = [
 def test_bad_arguments_are_one_line_errors_and_write_nothing(tmp_path, image_folder, tiny_checkpoint, capsys,
                                                              extra, phrase):
     expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--workers", "0",
-                               "--out", str(tmp_path / "out"), *extra], phrase)
+                               "--out", str(tmp_path / "out"), *extra], *(phrase if isinstance(phrase, tuple) else
+                                                                          [phrase]))
     assert not (tmp_path / "out").exists()
 
 

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,10 +139,11 @@ def test_runs_are_spread_over_the_gpus_one_at_a_time(tmp_path):
     # Stand-in runs that record the GPU they were given and when they ran.
     script = ("import json, os, sys, time; start = time.time(); time.sleep(0.3); "
               "json.dump({'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'start': start, 'end': time.time(), "
-              "'test_accuracy': 0}, open(sys.argv[1], 'w'))")
+              "'test_accuracy': 0, 'command': json.loads(sys.argv[2])}, open(sys.argv[1], 'w'))")
     runs = [sweep.Run("data/x", "dspt", "none", 0.0, seed, tmp_path, []) for seed in range(6)]
-    for run in runs:
-        run.command = [sys.executable, "-c", script, str(run.folder / "metrics.json")]
+    for run in runs:  # the command each records is the one its folder stands for
+        command = {"data": str(Path("data/x").resolve()), "seed": run.seed, "noise": 0.0, "loss": "dspt"}
+        run.command = [sys.executable, "-c", script, str(run.folder / "metrics.json"), json.dumps(command)]
     assert sweep.run_all(runs, jobs=1, gpus=2) == []
     records = [run.metrics() for run in runs]
     assert {record["gpu"] for record in records} == {"0", "1"}
