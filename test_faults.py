@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from test_dspt import BPE_PATH, HERE, expect_user_error, image_folder, run_main, tiny_checkpoint  # noqa: F401
 
@@ -262,3 +263,23 @@ def test_a_run_s_outputs_follow_the_umask(tmp_path, image_folder, tiny_checkpoin
         os.umask(previous)
     for name in ("metrics.json", "prompt.pt", "training_sample.csv", "checkpoint.pt"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_sweep_run_whose_folder_another_run_holds_fails_and_says_why(tmp_path, image_folder, tiny_checkpoint):
+    runs = sweep.grid(sweep.parse_args(["--data", str(image_folder), "--out", str(tmp_path / "sweep"), "--methods",
+                                        "dspt", "--kinds", "sym", "--rates", "0.5", "--no-clean", "--seeds", "1", "--",
+                                        "--backbone", str(tiny_checkpoint), "--epochs", "1", "--workers", "0"]))
+    with dspt.owning(runs[0].folder):
+        assert sweep.run_all(runs, jobs=1, gpus=0) == runs
+    assert "is in use by another run" in (runs[0].folder / "failed.txt").read_text()
+    assert not (runs[0].folder / "metrics.json").exists()
+
+
+def test_a_class_name_too_long_for_the_context_is_one_line_naming_it(tmp_path, tiny_checkpoint, capsys):
+    long_name = "-".join("x" * 90)  # 179 characters, 179 tokens
+    image = tmp_path / "one.png"
+    Image.new("RGB", (8, 8)).save(image)
+    line = expect_user_error(capsys, ["--classify", str(image), "--classnames", f"cat,{long_name}", "--backbone",
+                                      str(tiny_checkpoint)], "a zero-shot prompt does not fit", "tokens long, more "
+                             "than the context length 77", script=predict)
+    assert long_name in line
