@@ -624,7 +624,8 @@ def load_dataset(root):
         return Dataset(*read_split_file(root / "split.json", root), "image folder", "a photo of a {}.")
     name = "Caltech101" if (root / "101_ObjectCategories").is_dir() else "image folder"
     if name != "Caltech101" and any((root / marker).exists() for marker in (
-            "images", "jpg", "2750", "SUN397", "UCF-101-midframes", "train", "variants.txt", "classnames.txt")):
+            "images", "jpg", "2750", "SUN397", "UCF-101-midframes", "cars_train", "train", "variants.txt",
+            "classnames.txt")):
         raise UserError(f"{root} holds a dataset in a layout dspt.py does not read; put CoOp's split file there "
                         f"({SPLIT_FILES_URL}), or run: python prepare_data.py {root}")
     read = (read_class_folders(root / "101_ObjectCategories", CALTECH_DROPPED, CALTECH_RENAMED)

@@ -142,8 +142,9 @@ def prepare(root, name=None):
         return imagenet(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return train_and_test_folders(root)
-    found = name or next((dataset for dataset in IN_CLASS_FOLDERS if dspt.DATASETS[dataset][1] != "images"
-                          and (root / dspt.DATASETS[dataset][1]).is_dir()), None)
+    found = name or next((dataset for dataset, (_, folder, _) in dspt.DATASETS.items()  # by its own folder's name
+                          if folder not in (".", "images") and (root / folder).is_dir()), None)
+    found = found or ("StanfordCars" if (root / "cars_train").is_dir() else None)
     if found in IN_CLASS_FOLDERS:
         split_name, folder, _ = dspt.DATASETS[found]
         classnames, train, test, _ = dspt.read_class_folders(root / folder)

@@ -314,3 +314,14 @@ def test_unknown_download_name_lists_the_datasets(tmp_path, capsys):
                              script=prepare_data)
     assert all(name in line for name in dspt.DATASETS)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, folder", [("Flowers102", "jpg/image_00001.jpg"), ("SUN397", "SUN397/a/abbey/1.jpg"),
+                                          ("StanfordCars", "cars_train/00001.jpg")])
+def test_datasets_only_coop_s_split_file_describes_are_not_read_as_class_folders(tmp_path, capsys, name, folder):
+    image(tmp_path / folder)
+    image(tmp_path / folder.replace("1", "2"))
+    with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {tmp_path}"):
+        dspt.load_dataset(tmp_path)
+    expect_user_error(capsys, [str(tmp_path)], f"{name}'s split comes only from CoOp's {dspt.DATASETS[name][0]}",
+                      script=prepare_data)
