@@ -65,6 +65,32 @@ def project_conflicting_gradient(gradient, direction, strength=1.0):
     return gradient - strength * dot / direction.square().sum() * direction
 
 
+# ProGrad's release (BeierZhu/Prompt-align, trainers/prograd.py, CUSTOM_TEMPLATES): its zero-shot teacher's
+# template for each dataset, whose words before " {}." also start the context (every config sets CTX_INIT).
+PROGRAD_TEMPLATES = {
+    "OxfordPets": "a type of pet, a photo of a {}.", "Flowers102": "a type of flower, a photo of a {}.",
+    "FGVCAircraft": "a type of aircraft, a photo of a {}.", "DTD": "a texture of {}.",
+    "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+    "Food101": "a type of food, a photo of {}.", "SUN397": "a photo of a {}.", "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.", "ImageNet": "a photo of a {}.",
+}
+
+
+def prograd_release_context(template, tokenizer):
+    """(words that start the context, words fixed before each class name), as ProGrad's release splits the
+    template's words before " {}.": it counts them by spaces and starts the last that many of its 16 context
+    vectors (zeros before them) at the embeddings of as many of their tokens; "pet," is two tokens, so the
+    tokens beyond that count stay in the prompt as fixed text ("a type of pet, a photo of" + "a")."""
+    words = template.replace(" {}.", "").split(" ")
+    learned, tokens = 0, 0
+    while tokens < len(words):
+        tokens += len(tokenizer.encode(words[learned]))
+        learned += 1
+    if tokens != len(words):
+        raise ValueError(f"{template!r}: ProGrad's count of {len(words)} tokens ends inside a word")
+    return " ".join(words[:learned]), "".join(word + " " for word in words[learned:])
+
+
 class ProGrad(dspt.PromptTuning):
     """ProGrad's step for dspt.train, with --loss as the "domain" loss.
 
@@ -497,7 +523,7 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--method", choices=METHODS, default="coop",
         help="coop: dspt.py's run, CoOp with --loss; prograd: ProGrad with --loss as its domain loss "
-             "(as published: --loss ce --ctx-init 'a photo of a' --n-ctx 16 --epochs 200); "
+             "(as published: --loss ce --epochs 200, and --prograd-init release); "
              "nlprompt: NLPrompt, cross-entropy on the samples optimal transport calls clean and MAE "
              "on the rest, whatever --loss says; visprompt: VisPrompt as reconstructed here (inferred: "
              "the image's global feature as the one key, FiLM and FFN output starting at zero, FFN width "
@@ -511,6 +537,12 @@ def parse_args(argv=None):
              "(default %(default)s)")
     add("--prograd-lambda", type=float, default=1.0, metavar="LAMBDA",
         help="prograd: the fraction of the conflicting component removed, in [0, 1] (default %(default)s)")
+    add("--prograd-init", choices=["release", "coop"], default="release",
+        help="prograd: release: as ProGrad's released code, on a dataset of CoOp's benchmark, the zero-shot "
+             "teacher's template is ProGrad's own for the dataset (e.g. OxfordPets 'a type of pet, a photo of "
+             "a {}.', DTD 'a texture of {}.') and --n-ctx context vectors start from its words, the last of them "
+             "at the words' embeddings and zeros before; coop: CoOp's template and --ctx-init as given (random "
+             "if none). An explicit --template or --ctx-init wins either way (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -538,8 +570,12 @@ def run(args):
             return finished
         dataset, tokenizer, clip, preprocess = dspt.load(args)
         classnames, train_items, test_items = dataset.classnames, dataset.train, dataset.test
-        template_features = dspt.zero_shot_text_features(clip, tokenizer, args.template or dataset.template,
-                                                         classnames, args)
+        template, ctx_init, name_prefix = args.template or dataset.template, args.ctx_init, ""
+        if args.method == "prograd" and args.prograd_init == "release" and dataset.name in PROGRAD_TEMPLATES:
+            template = args.template or PROGRAD_TEMPLATES[dataset.name]
+            if not args.ctx_init:
+                ctx_init, name_prefix = prograd_release_context(PROGRAD_TEMPLATES[dataset.name], tokenizer)
+        template_features = dspt.zero_shot_text_features(clip, tokenizer, template, classnames, args)
         if args.method == "upl":
             pool_size = len(train_items)
             train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
@@ -559,7 +595,7 @@ def run(args):
         zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
         print(f"zero-shot test accuracy {zero_shot:.2%}")
 
-        learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
+        learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, ctx_init, name_prefix)
         loss_fn, scaler = dspt.LOSSES[args.loss], dspt.grad_scaler(args)
         if args.method == "prograd":
             method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
@@ -570,7 +606,7 @@ def run(args):
             method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
                                                                              scaler)
         elif args.method == "anprompt":
-            noise = noise_prompts(clip, tokenizer, classnames, args.template or dataset.template, len(learner.ctx))
+            noise = noise_prompts(clip, tokenizer, classnames, template, len(learner.ctx))
             method = ANPrompt(learner, noise, loss_fn, scaler=scaler)
         else:  # coop, upl
             method = dspt.PromptTuning(learner, loss_fn, scaler)
@@ -589,7 +625,8 @@ def run(args):
         metrics = {
             "method": args.method,
             "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
-            "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
+            "dataset": dataset.name, "split": dataset.split, "template": template,
+            **({"prograd_context_init": ctx_init, "prograd_name_prefix": name_prefix} if args.method == "prograd" else {}),
             "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
             "unreadable_images": unreadable + unreadable_test,
             "noise_rate": noisy.float().mean().item(), **extra,

@@ -694,10 +694,11 @@ class PromptLearner(nn.Module):
     Only `ctx` is trained; `clip` stays frozen. The context starts as n_ctx vectors of N(0, 0.02)
     noise (CoOp), or as the word embeddings of ctx_init; n_ctx is then its number of tokens (CoOp),
     or, if larger, the words come after zero vectors (ProGrad's "a photo of a" padded to 16).
+    name_prefix: fixed words between the context and every class name (ProGrad's release has some).
     """
-    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
+    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None, name_prefix=""):
         super().__init__()
-        self.clip, self.classnames = clip, list(classnames)
+        self.clip, self.classnames, self.name_prefix = clip, list(classnames), name_prefix
         embed, context_length = clip.token_embedding, clip.positional_embedding.shape[0]
         device = embed.weight.device
         if ctx_init:
@@ -716,7 +717,7 @@ class PromptLearner(nn.Module):
             ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
         self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
         try:
-            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name}." for name in classnames],
+            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name_prefix}{name}." for name in classnames],
                                         context_length)
         except ValueError as e:
             raise UserError(f"a prompt does not fit: {e}") from None
@@ -752,8 +753,8 @@ class PackedPromptLearner(PromptLearner):
     computed once per row instead of once per class; and the padding after the EOT, which
     the causal mask keeps from affecting it, is not computed at all.
     """
-    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None):
-        super().__init__(clip, classnames, tokenizer, n_ctx, ctx_init)
+    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None, name_prefix=""):
+        super().__init__(clip, classnames, tokenizer, n_ctx, ctx_init, name_prefix)
         n_prefix, ends = 1 + len(self.ctx), self.tokens.argmax(dim=-1).tolist()
         suffixes = [row[n_prefix:end + 1] for row, end in zip(self.tokens, ends)]  # name . EOT
         self.register_buffer("sot_embedding", clip.token_embedding(self.tokens[:1, 0]).detach())  # [1, D]
@@ -1171,6 +1172,7 @@ def save_outputs(args, learner, dataset, items, given, metrics):
     metrics_json = json.dumps(metrics, indent=2, allow_nan=False)  # valid JSON, or nothing is written
     atomic_write(out / "prompt.pt", lambda f: torch.save({
         "ctx": learner.ctx.detach().cpu(), "classnames": dataset.classnames, "backbone": args.backbone,
+        "name_prefix": learner.name_prefix,
         "trained": {n: p.detach().cpu() for n, p in learner.named_parameters() if p.requires_grad and n != "ctx"}}, f))
     rows = csv.writer(text, lineterminator="\n")
     rows.writerow(["path", "true_label", "given_label", "true_class", "given_class"])

@@ -37,7 +37,8 @@ def load_prompt(path, clip, tokenizer, backbone=None):
     if saved.get("trained"):
         raise dspt.UserError(f"the prompt {path} was learned with modules besides the context "
                              f"({', '.join(saved['trained'])}); only a context-only prompt can be used here")
-    learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, n_ctx=len(ctx))
+    learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, n_ctx=len(ctx),
+                                       name_prefix=saved.get("name_prefix", ""))
     if ctx.shape != learner.ctx.shape:
         raise dspt.UserError(f"the prompt {path} has context vectors of width {ctx.shape[-1]}, this backbone's "
                              f"text width is {learner.ctx.shape[-1]}; use the backbone it was learned with "

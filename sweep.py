@@ -39,12 +39,15 @@ import dspt
 
 HERE = Path(__file__).resolve().parent
 # Each method: the script and the flags that make it. The losses are CoOp's prompt tuning with
-# that loss; ProGrad as published starts from "a photo of a" after 12 zero vectors.
+# that loss; ProGrad, VisPrompt and ANPrompt as published (ProGrad with its release's per-dataset
+# template and context, baselines.py's default --prograd-init release).
 METHODS = {
     "dspt": ["dspt.py", "--loss", "dspt"], "ce": ["dspt.py", "--loss", "ce"],
     "gce": ["dspt.py", "--loss", "gce"], "mae": ["dspt.py", "--loss", "mae"],
-    "prograd": ["baselines.py", "--method", "prograd", "--loss", "ce", "--ctx-init", "a photo of a", "--n-ctx", "16"],
+    "prograd": ["baselines.py", "--method", "prograd", "--loss", "ce"],
     "nlprompt": ["baselines.py", "--method", "nlprompt"],
+    "visprompt": ["baselines.py", "--method", "visprompt"],
+    "anprompt": ["baselines.py", "--method", "anprompt", "--loss", "ce"],
     "upl": ["baselines.py", "--method", "upl"],
 }
 WITHOUT_LABELS = {"upl"}  # runs only without noise
@@ -276,7 +279,8 @@ def parse_args(argv=None):
     add("--no-clean", action="store_true", help="leave out the runs without noise")
     add("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (default: 1 2 3)")
     add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-        help="dspt, ce, gce, mae: dspt.py with that loss; prograd, nlprompt, upl: baselines.py (default: all)")
+        help="dspt, ce, gce, mae: dspt.py with that loss; prograd (as released, per dataset), nlprompt, "
+             "visprompt, anprompt (--loss ce), upl: baselines.py (default: all)")
     add("--out", default="sweeps/sweep", metavar="DIR", help="where the runs' folders and the report go "
                                                              "(default %(default)s)")
     add("--jobs", type=int, default=1, metavar="N", help="runs at a time on this machine (default 1; with several "

@@ -19,6 +19,7 @@ from test_dspt import BPE_PATH, image_folder, learnable_task, learners, tiny_che
 
 import baselines  # noqa: E402
 import dspt  # noqa: E402
+import predict  # noqa: E402
 
 CLASSNAMES = ["dog", "great white shark", "yin yang", "airplane"]
 NO_SCALING = dspt.grad_scaler(argparse.Namespace(precision="fp32"))
@@ -618,3 +619,63 @@ def test_help_documents_the_methods_and_every_dspt_flag(capsys):
     for method in baselines.METHODS:
         assert method in text
     assert "whatever --loss says" in text
+
+
+# -----------------------------------------------------------------------------
+# ProGrad's released per-dataset settings
+
+def release_prompt_learner_state(template, classname, tokenizer, embedding):
+    """What ProGrad's released PromptLearner builds (trainers/prograd.py, N_CTX 16, CTX_INIT True), written
+    out from its code: the init words before " {}." are counted by spaces (w); the prompt is w "X"s short of
+    16, then the init text and the class name; the last w context vectors start at the init's first w tokens'
+    embeddings, the others at zero. Returns (initial context, the prompt's tokens after the 16 context places)."""
+    init = template.replace(" {}.", "")
+    w = len(init.split(" "))
+    tokens = tokenizer.tokenize(" ".join(["X"] * (16 - w)) + f" {init} {classname}.")[0]
+    ctx = torch.cat([torch.zeros(16 - w, embedding.embedding_dim), embedding(tokenizer.tokenize(init)[0, 1:1 + w])])
+    return ctx.detach(), tokens[17:]
+
+
+@pytest.mark.parametrize("dataset", list(baselines.PROGRAD_TEMPLATES))
+def test_prograd_release_context_builds_the_released_prompt(tiny_checkpoint, dataset):
+    model, _ = dspt.load_clip(str(tiny_checkpoint))
+    tokenizer = dspt.load_tokenizer(BPE_PATH)
+    template = baselines.PROGRAD_TEMPLATES[dataset]
+    words, prefix = baselines.prograd_release_context(template, tokenizer)
+    learner = dspt.PackedPromptLearner(model, ["great white shark"], tokenizer, 16, words, prefix)
+    ctx, rest = release_prompt_learner_state(template, "great white shark", tokenizer, model.token_embedding)
+    assert torch.equal(learner.ctx.detach(), ctx)
+    assert torch.equal(learner.tokens[0, 17:], rest)
+
+
+def test_prograd_release_templates_are_the_released_ones():
+    # trainers/prograd.py's CUSTOM_TEMPLATES, keyed by dspt.py's dataset names.
+    assert baselines.PROGRAD_TEMPLATES == {
+        "OxfordPets": "a type of pet, a photo of a {}.", "Flowers102": "a type of flower, a photo of a {}.",
+        "FGVCAircraft": "a type of aircraft, a photo of a {}.", "DTD": "a texture of {}.",
+        "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+        "Food101": "a type of food, a photo of {}.", "SUN397": "a photo of a {}.", "Caltech101": "a photo of a {}.",
+        "UCF101": "a photo of a person doing {}.", "ImageNet": "a photo of a {}."}
+    assert set(baselines.PROGRAD_TEMPLATES) == set(dspt.DATASETS)
+
+
+def test_prograd_runs_with_the_release_s_settings_unless_told_coop(tmp_path, tiny_checkpoint, learners):
+    from test_datasets import write_split_dataset
+    write_split_dataset(tmp_path / "pets", "OxfordPets", "images", per_class=(6, 0, 3))
+    tokenizer = dspt.load_tokenizer(BPE_PATH)
+    model, _ = dspt.load_clip(str(tiny_checkpoint))
+    release = run_baselines(tmp_path, tmp_path / "pets", tiny_checkpoint, "--method", "prograd", "--n-ctx", "16",
+                            out="release")
+    assert release["template"] == "a type of pet, a photo of a {}."
+    assert release["prograd_context_init"] == "a type of pet, a photo of" and release["prograd_name_prefix"] == "a "
+    (learner, initial), = learners
+    ctx, rest = release_prompt_learner_state(release["template"], "yin yang", tokenizer, model.token_embedding)
+    assert torch.equal(initial, ctx) and torch.equal(learner.tokens[0, 17:], rest)
+    loaded = predict.load_prompt(tmp_path / "release" / "prompt.pt", learner.clip, tokenizer)
+    assert loaded.name_prefix == "a "  # the prompt keeps its fixed words
+    with torch.no_grad():
+        assert torch.equal(loaded.text_features(), learner.text_features())
+    coop = run_baselines(tmp_path, tmp_path / "pets", tiny_checkpoint, "--method", "prograd", "--n-ctx", "16",
+                         "--prograd-init", "coop", out="coop")
+    assert coop["template"] == "a photo of a {}, a type of pet." and coop["prograd_context_init"] == ""
+    assert learners[-1][0].name_prefix == "" and learners[-1][1].abs().min() > 0  # CoOp's random start
