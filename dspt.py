@@ -9,9 +9,9 @@ the images CLIP confidently assigns to a class other than their (wrong) label ba
     python dspt.py --data ./caltech101 --noise 0.5
 
 Reading order: the method first (the losses and the label noise depend on nothing); then the
-substrate, leaves first: tokenizer, CLIP, loading weights, data; then CoOp's prompt learner as
-CoOp writes it, and the packed learner, a drop-in subclass computing the same features many
-times faster; last, training and the command line. Sibling scripts import this file, never the
+substrate, leaves first: tokenizer, CLIP, loading weights; then CoOp's prompt learner as CoOp
+writes it, and the packed learner, a drop-in subclass computing the same features many times
+faster; last, the data, training and the command line. Sibling scripts import this file, never the
 reverse: prepare_data.py (dataset layouts), predict.py (using a prompt), baselines.py, sweep.py.
 """
 
@@ -533,6 +533,134 @@ def load_clip(name_or_path, device="cpu", cache_dir=DEFAULT_CACHE):
 
 
 # -----------------------------------------------------------------------------
+# Prompt learners (CoOp): "[SOT] ctx_1 .. ctx_n <class name> . [EOT]" with learned ctx.
+
+class PromptLearner(nn.Module):
+    """CoOp's prompt learner: context vectors shared by all classes, and the text features of the
+    prompts they make, computed as CoOp computes them: every class's whole prompt, tokenized with an
+    "x" for each context vector, whose embedding ctx replaces, through the text transformer.
+
+    Only `ctx` is trained; `clip` stays frozen. The context starts as n_ctx vectors of N(0, 0.02)
+    noise (CoOp), or as the word embeddings of ctx_init; n_ctx is then its number of tokens (CoOp),
+    or, if larger, the words come after zero vectors (ProGrad's "a photo of a" padded to 16).
+    name_prefix: fixed words between the context and every class name (ProGrad's release has some).
+    """
+    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None, name_prefix=""):
+        super().__init__()
+        self.clip, self.classnames, self.name_prefix = clip, list(classnames), name_prefix
+        embed, context_length = clip.token_embedding, clip.positional_embedding.shape[0]
+        device = embed.weight.device
+        if ctx_init:
+            try:
+                init_tokens = tokenizer.tokenize(ctx_init, context_length)[0]
+            except ValueError:
+                raise UserError(f"--ctx-init {ctx_init!r} is longer than the text context of {context_length} "
+                                f"tokens; give a few words such as \"a photo of a\"") from None
+            n_words = int(init_tokens.argmax()) - 1  # EOT has the largest id
+            if not 0 < n_words <= (n_ctx or n_words):
+                raise UserError(f"--ctx-init {ctx_init!r} is {n_words} tokens, which does not fit --n-ctx {n_ctx}; "
+                                f"give at least one word and an --n-ctx of at least {n_words}")
+            words = embed(init_tokens[1:1 + n_words].to(device)).detach().float()
+            ctx = torch.cat([words.new_zeros((n_ctx or n_words) - n_words, words.shape[1]), words])
+        else:
+            ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
+        self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
+        try:
+            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name_prefix}{name}." for name in classnames],
+                                        context_length)
+        except ValueError as e:
+            raise UserError(f"a prompt does not fit: {e}") from None
+        self.register_buffer("tokens", tokens.to(device), persistent=False)  # [C, context_length]
+
+    def text_features(self, ctx=None):
+        """[C, embed_dim], differentiable with respect to ctx; or, given contexts [B, n_ctx, D] (one
+        per image, as instance-conditioned methods make them), [B, C, embed_dim]."""
+        clip, ctx = self.clip, self.ctx if ctx is None else ctx
+        (n_classes, length), batch = self.tokens.shape, ctx.shape[:-2]  # batch: () or (B,)
+        embedding = clip.token_embedding(self.tokens).detach().expand(*batch, -1, -1, -1)  # [..., C, L, D]
+        x = torch.cat([embedding[..., :1, :], ctx[..., None, :, :].expand(*batch, n_classes, -1, -1),
+                       embedding[..., 1 + ctx.shape[-2]:, :]], dim=-2)  # SOT, ctx, "name . EOT" and padding
+        x = (x + clip.positional_embedding).to(clip.dtype).reshape(-1, length, x.shape[-1])
+        x = clip.transformer(x, causal_mask(length, x.device)).reshape(*batch, n_classes, length, -1)
+        x = x[..., torch.arange(n_classes), self.tokens.argmax(dim=-1), :]  # each prompt's EOT (the largest id)
+        return clip.ln_final(x) @ clip.text_projection
+
+class PackedPromptLearner(PromptLearner):
+    """PromptLearner's features, the same up to rounding, with a fraction of the work.
+
+    PromptLearner runs every class's whole prompt, padded to 77 tokens, through the text
+    transformer, forward and backward, at every step. This packs the prompts into rows
+
+        [SOT] ctx_1 .. ctx_n  dog . [EOT]  great white shark . [EOT]  yin yang . [EOT] ...
+
+    with a mask that lets every position attend to what it would see in its own prompt and
+    to nothing else: the prefix "[SOT] ctx" causally; a suffix position the whole prefix and
+    the earlier positions of its own suffix. Every position also gets the position embedding
+    it has in its own prompt. So every hidden state, in every layer, equals the one in that
+    class's own prompt, and the EOT features are CoOp's. The work saved: the prefix, the
+    same in every prompt because the causal mask keeps it from seeing the class name, is
+    computed once per row instead of once per class; and the padding after the EOT, which
+    the causal mask keeps from affecting it, is not computed at all.
+    """
+    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None, name_prefix=""):
+        super().__init__(clip, classnames, tokenizer, n_ctx, ctx_init, name_prefix)
+        n_prefix, ends = 1 + len(self.ctx), self.tokens.argmax(dim=-1).tolist()
+        suffixes = [row[n_prefix:end + 1] for row, end in zip(self.tokens, ends)]  # name . EOT
+        self.register_buffer("sot_embedding", clip.token_embedding(self.tokens[:1, 0]).detach())  # [1, D]
+        suffix_embedding = clip.token_embedding(torch.cat(suffixes)).detach()  # [sum of lengths, D]
+        self.register_buffer("suffix_embedding", F.pad(suffix_embedding, (0, 0, 0, 1)))  # + a padding token
+        packed = pack_prompts(n_prefix, [len(t) for t in suffixes])
+        for name, value in zip(("index", "position", "mask", "eot_index"), packed):
+            self.register_buffer(name, value.to(self.tokens.device), persistent=False)
+
+    def text_features(self, ctx=None):
+        clip, ctx = self.clip, self.ctx if ctx is None else ctx
+        batch, (rows, length) = ctx.shape[:-2], self.index.shape  # batch: () or (B,)
+        pieces = torch.cat([self.sot_embedding.expand(*batch, -1, -1), ctx,
+                            self.suffix_embedding.expand(*batch, -1, -1)], dim=-2)  # all fp32
+        x = (pieces[..., self.index, :] + clip.positional_embedding[self.position]).to(clip.dtype)
+        x = x.reshape(-1, length, x.shape[-1])  # [B * rows, length, D]
+        x = clip.transformer(x, self.mask.repeat(len(x) // rows, 1, 1)[:, None])  # the same for every head
+        x = x.reshape(*batch, rows * length, -1)[..., self.eot_index, :]
+        return clip.ln_final(x) @ clip.text_projection
+
+def pack_prompts(n_prefix, suffix_lengths, row_length=256):
+    """Lay out the prompts "prefix suffix_c" in rows "prefix suffix_a suffix_b ...".
+
+    Tokens are numbered: 0 .. n_prefix-1 the prefix, then the suffixes' tokens in order,
+    then one padding token. Rows of about row_length tokens keep the attention, which is
+    quadratic in the row's length, cheap next to the rest. Returns
+      index     [rows, length]: the number of the token at each place,
+      position  [rows, length]: its position in its own prompt,
+      mask      [rows, length, length]: True where query i may attend to key j,
+      eot_index [C]: where each prompt's EOT is in the flattened rows.
+    """
+    lengths = torch.tensor(suffix_lengths)
+    first = lengths.cumsum(0) - lengths  # where each suffix starts among all suffix tokens
+    # Cut the suffix tokens, in order, into n_rows equal parts; each suffix goes to the row
+    # its middle falls in, so rows are at most about a suffix longer than row_length.
+    parts = -(-int(lengths.sum()) // (row_length - n_prefix))
+    used_parts, row_of = (((2 * first + lengths) * parts) // (2 * lengths.sum())).unique(return_inverse=True)
+    n_rows = len(used_parts)  # renumbered: no empty rows
+    length = n_prefix + max(int(lengths[row_of == r].sum()) for r in range(n_rows))
+    index = torch.full((n_rows, length), n_prefix + int(lengths.sum()))  # padding by default
+    position = torch.zeros(n_rows, length, dtype=torch.long)
+    segment = torch.full((n_rows, length), -2)  # -1: prefix, c: class c's suffix, -2: padding
+    index[:, :n_prefix] = position[:, :n_prefix] = torch.arange(n_prefix)
+    segment[:, :n_prefix] = -1
+    eot_index, at = torch.zeros(len(lengths), dtype=torch.long), [n_prefix] * n_rows
+    for c, (r, n) in enumerate(zip(row_of.tolist(), suffix_lengths)):
+        place = slice(at[r], at[r] + n)
+        index[r, place] = n_prefix + first[c] + torch.arange(n)
+        position[r, place] = torch.arange(n_prefix, n_prefix + n)
+        segment[r, place] = c
+        at[r] += n
+        eot_index[c] = r * length + at[r] - 1
+    query, key = segment[:, :, None], segment[:, None, :]
+    return index, position, causal_mask(length) & ((key == -1) | (key == query)), eot_index
+
+
+# -----------------------------------------------------------------------------
 # Data: a CoOp split file and its images, or a folder of class folders. prepare_data.py lays out
 # the rest so (torchvision's downloads, FGVCAircraft's lists, ImageNet's folders, train/ and test/).
 
@@ -681,134 +809,6 @@ def collate(batch):
     kept = [sample for sample in batch if sample is not None]
     images, labels, indices = zip(*kept) if kept else ([], [], [])
     return torch.stack(images) if kept else None, torch.tensor(labels), torch.tensor(indices), len(batch) - len(kept)
-
-
-# -----------------------------------------------------------------------------
-# Prompt learners (CoOp): "[SOT] ctx_1 .. ctx_n <class name> . [EOT]" with learned ctx.
-
-class PromptLearner(nn.Module):
-    """CoOp's prompt learner: context vectors shared by all classes, and the text features of the
-    prompts they make, computed as CoOp computes them: every class's whole prompt, tokenized with an
-    "x" for each context vector, whose embedding ctx replaces, through the text transformer.
-
-    Only `ctx` is trained; `clip` stays frozen. The context starts as n_ctx vectors of N(0, 0.02)
-    noise (CoOp), or as the word embeddings of ctx_init; n_ctx is then its number of tokens (CoOp),
-    or, if larger, the words come after zero vectors (ProGrad's "a photo of a" padded to 16).
-    name_prefix: fixed words between the context and every class name (ProGrad's release has some).
-    """
-    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None, name_prefix=""):
-        super().__init__()
-        self.clip, self.classnames, self.name_prefix = clip, list(classnames), name_prefix
-        embed, context_length = clip.token_embedding, clip.positional_embedding.shape[0]
-        device = embed.weight.device
-        if ctx_init:
-            try:
-                init_tokens = tokenizer.tokenize(ctx_init, context_length)[0]
-            except ValueError:
-                raise UserError(f"--ctx-init {ctx_init!r} is longer than the text context of {context_length} "
-                                f"tokens; give a few words such as \"a photo of a\"") from None
-            n_words = int(init_tokens.argmax()) - 1  # EOT has the largest id
-            if not 0 < n_words <= (n_ctx or n_words):
-                raise UserError(f"--ctx-init {ctx_init!r} is {n_words} tokens, which does not fit --n-ctx {n_ctx}; "
-                                f"give at least one word and an --n-ctx of at least {n_words}")
-            words = embed(init_tokens[1:1 + n_words].to(device)).detach().float()
-            ctx = torch.cat([words.new_zeros((n_ctx or n_words) - n_words, words.shape[1]), words])
-        else:
-            ctx = torch.randn(n_ctx or 16, embed.embedding_dim, device=device) * 0.02
-        self.ctx = nn.Parameter(ctx)  # kept in fp32 whatever the precision of clip
-        try:
-            tokens = tokenizer.tokenize([" ".join(["x"] * len(ctx)) + f" {name_prefix}{name}." for name in classnames],
-                                        context_length)
-        except ValueError as e:
-            raise UserError(f"a prompt does not fit: {e}") from None
-        self.register_buffer("tokens", tokens.to(device), persistent=False)  # [C, context_length]
-
-    def text_features(self, ctx=None):
-        """[C, embed_dim], differentiable with respect to ctx; or, given contexts [B, n_ctx, D] (one
-        per image, as instance-conditioned methods make them), [B, C, embed_dim]."""
-        clip, ctx = self.clip, self.ctx if ctx is None else ctx
-        (n_classes, length), batch = self.tokens.shape, ctx.shape[:-2]  # batch: () or (B,)
-        embedding = clip.token_embedding(self.tokens).detach().expand(*batch, -1, -1, -1)  # [..., C, L, D]
-        x = torch.cat([embedding[..., :1, :], ctx[..., None, :, :].expand(*batch, n_classes, -1, -1),
-                       embedding[..., 1 + ctx.shape[-2]:, :]], dim=-2)  # SOT, ctx, "name . EOT" and padding
-        x = (x + clip.positional_embedding).to(clip.dtype).reshape(-1, length, x.shape[-1])
-        x = clip.transformer(x, causal_mask(length, x.device)).reshape(*batch, n_classes, length, -1)
-        x = x[..., torch.arange(n_classes), self.tokens.argmax(dim=-1), :]  # each prompt's EOT (the largest id)
-        return clip.ln_final(x) @ clip.text_projection
-
-class PackedPromptLearner(PromptLearner):
-    """PromptLearner's features, the same up to rounding, with a fraction of the work.
-
-    PromptLearner runs every class's whole prompt, padded to 77 tokens, through the text
-    transformer, forward and backward, at every step. This packs the prompts into rows
-
-        [SOT] ctx_1 .. ctx_n  dog . [EOT]  great white shark . [EOT]  yin yang . [EOT] ...
-
-    with a mask that lets every position attend to what it would see in its own prompt and
-    to nothing else: the prefix "[SOT] ctx" causally; a suffix position the whole prefix and
-    the earlier positions of its own suffix. Every position also gets the position embedding
-    it has in its own prompt. So every hidden state, in every layer, equals the one in that
-    class's own prompt, and the EOT features are CoOp's. The work saved: the prefix, the
-    same in every prompt because the causal mask keeps it from seeing the class name, is
-    computed once per row instead of once per class; and the padding after the EOT, which
-    the causal mask keeps from affecting it, is not computed at all.
-    """
-    def __init__(self, clip, classnames, tokenizer, n_ctx=None, ctx_init=None, name_prefix=""):
-        super().__init__(clip, classnames, tokenizer, n_ctx, ctx_init, name_prefix)
-        n_prefix, ends = 1 + len(self.ctx), self.tokens.argmax(dim=-1).tolist()
-        suffixes = [row[n_prefix:end + 1] for row, end in zip(self.tokens, ends)]  # name . EOT
-        self.register_buffer("sot_embedding", clip.token_embedding(self.tokens[:1, 0]).detach())  # [1, D]
-        suffix_embedding = clip.token_embedding(torch.cat(suffixes)).detach()  # [sum of lengths, D]
-        self.register_buffer("suffix_embedding", F.pad(suffix_embedding, (0, 0, 0, 1)))  # + a padding token
-        packed = pack_prompts(n_prefix, [len(t) for t in suffixes])
-        for name, value in zip(("index", "position", "mask", "eot_index"), packed):
-            self.register_buffer(name, value.to(self.tokens.device), persistent=False)
-
-    def text_features(self, ctx=None):
-        clip, ctx = self.clip, self.ctx if ctx is None else ctx
-        batch, (rows, length) = ctx.shape[:-2], self.index.shape  # batch: () or (B,)
-        pieces = torch.cat([self.sot_embedding.expand(*batch, -1, -1), ctx,
-                            self.suffix_embedding.expand(*batch, -1, -1)], dim=-2)  # all fp32
-        x = (pieces[..., self.index, :] + clip.positional_embedding[self.position]).to(clip.dtype)
-        x = x.reshape(-1, length, x.shape[-1])  # [B * rows, length, D]
-        x = clip.transformer(x, self.mask.repeat(len(x) // rows, 1, 1)[:, None])  # the same for every head
-        x = x.reshape(*batch, rows * length, -1)[..., self.eot_index, :]
-        return clip.ln_final(x) @ clip.text_projection
-
-def pack_prompts(n_prefix, suffix_lengths, row_length=256):
-    """Lay out the prompts "prefix suffix_c" in rows "prefix suffix_a suffix_b ...".
-
-    Tokens are numbered: 0 .. n_prefix-1 the prefix, then the suffixes' tokens in order,
-    then one padding token. Rows of about row_length tokens keep the attention, which is
-    quadratic in the row's length, cheap next to the rest. Returns
-      index     [rows, length]: the number of the token at each place,
-      position  [rows, length]: its position in its own prompt,
-      mask      [rows, length, length]: True where query i may attend to key j,
-      eot_index [C]: where each prompt's EOT is in the flattened rows.
-    """
-    lengths = torch.tensor(suffix_lengths)
-    first = lengths.cumsum(0) - lengths  # where each suffix starts among all suffix tokens
-    # Cut the suffix tokens, in order, into n_rows equal parts; each suffix goes to the row
-    # its middle falls in, so rows are at most about a suffix longer than row_length.
-    parts = -(-int(lengths.sum()) // (row_length - n_prefix))
-    used_parts, row_of = (((2 * first + lengths) * parts) // (2 * lengths.sum())).unique(return_inverse=True)
-    n_rows = len(used_parts)  # renumbered: no empty rows
-    length = n_prefix + max(int(lengths[row_of == r].sum()) for r in range(n_rows))
-    index = torch.full((n_rows, length), n_prefix + int(lengths.sum()))  # padding by default
-    position = torch.zeros(n_rows, length, dtype=torch.long)
-    segment = torch.full((n_rows, length), -2)  # -1: prefix, c: class c's suffix, -2: padding
-    index[:, :n_prefix] = position[:, :n_prefix] = torch.arange(n_prefix)
-    segment[:, :n_prefix] = -1
-    eot_index, at = torch.zeros(len(lengths), dtype=torch.long), [n_prefix] * n_rows
-    for c, (r, n) in enumerate(zip(row_of.tolist(), suffix_lengths)):
-        place = slice(at[r], at[r] + n)
-        index[r, place] = n_prefix + first[c] + torch.arange(n)
-        position[r, place] = torch.arange(n_prefix, n_prefix + n)
-        segment[r, place] = c
-        at[r] += n
-        eot_index[c] = r * length + at[r] - 1
-    query, key = segment[:, :, None], segment[:, None, :]
-    return index, position, causal_mask(length) & ((key == -1) | (key == query)), eot_index
 
 
 # -----------------------------------------------------------------------------
