@@ -212,7 +212,7 @@ class NLPrompt(dspt.PromptTuning):
             logits = torch.cat([self.logits(chunk) for chunk in self.features.split(256)])
         agrees = transport_labels(logits).cpu() == self.labels[self.kept]
         self.clean[self.kept] = agrees
-        flagged, wrong = ~agrees, self.noisy[self.kept]
+        flagged, wrong = ~agrees, self.noisy[self.kept] == 1
         caught = (flagged & wrong).sum().item()
         record = {"ot_clean_fraction": agrees.float().mean().item(),
                   "ot_noisy_precision": caught / flagged.sum().item() if flagged.any() else None,
@@ -585,9 +585,11 @@ def run(args):
                   f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
                   f"{args.backbone} on {args.device} ({args.precision})")
         else:
-            train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args)
-            extra = {}
-            print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
+            train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args,
+                                                                          dataset.verified)
+            extra = {"label_truth": dspt.label_truth(noisy)} if dataset.verified else {}
+            print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images "
+                  f"({(noisy == 1).sum().item()} "
                   f"with wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} "
                   f"({args.precision})")
 
@@ -629,10 +631,10 @@ def run(args):
             **({"prograd_context_init": ctx_init, "prograd_name_prefix": name_prefix} if args.method == "prograd" else {}),
             "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
             "unreadable_images": unreadable + unreadable_test,
-            "noise_rate": noisy.float().mean().item(), **extra,
+            "noise_rate": (noisy == 1).float().mean().item(), **extra,
             "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
         }
-        dspt.save_outputs(args, learner, dataset, train_items, labels, metrics)
+        dspt.save_outputs(args, learner, dataset, train_items, labels, noisy, metrics)
         return metrics
 
 

@@ -678,6 +678,7 @@ DATASETS = {  # CoOp's benchmark: each dataset's split file, the image folder be
     "EuroSAT": ("split_zhou_EuroSAT.json", "2750", "a centered satellite photo of {}."),
     "UCF101": ("split_zhou_UCF101.json", "UCF-101-midframes", "a photo of a person doing {}."),
     "ImageNet": ("split_ImageNet.json", "images", "a photo of a {}."),
+    "Food101N": ("split_Food101N.json", ".", "a photo of {}, a type of food."),  # real noise; see prepare_data.py
 }
 CALTECH_DROPPED = {"BACKGROUND_Google", "Faces_easy"}  # CoOp's reading of Caltech101's class folders
 CALTECH_RENAMED = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
@@ -690,6 +691,7 @@ class Dataset(NamedTuple):  # what a run takes from --data; an item is (image pa
     split: str     # where the split comes from, for metrics.json
     name: str      # one of DATASETS, or "image folder"
     template: str  # CoOp's zero-shot prompt for it
+    verified: dict = {}  # training image -> whether its label was verified right (Food-101N's), for some
 
 def class_folders(root):
     return sorted(d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -711,9 +713,10 @@ def read_class_folders(folder, dropped=(), renamed=None):
     classnames = [(renamed or {}).get(d.name, d.name).replace("_", " ") for d in folders]
     return classnames, train, test, f"generated, seed {SPLIT_SEED}"
 
-def read_split_file(split_file, images):
-    """(classnames, train, test, split) from a CoOp split file {"train": [[path, label, class name],
-    ...], "val": [...], "test": [...]}, paths relative to the folder images; "_" in a name is a space."""
+def read_split_file(split_file, images, name, template):
+    """The Dataset of a CoOp split file {"train": [[path, label, class name], ...], "val": [...], "test": [...]},
+    paths relative to the folder images; "_" in a name is a space. prepare_data.py's may also hold "verified":
+    {path: 1 if the training image's label was verified right, 0 if wrong}."""
     damaged = f"download it again ({SPLIT_FILES_URL}), or make it again with prepare_data.py"
     try:
         split = json.loads(split_file.read_text())
@@ -722,9 +725,9 @@ def read_split_file(split_file, images):
         raise UserError(f"{split_file} is not a split file in CoOp's format ({type(e).__name__}: {e}); {damaged}"
                         ) from None
     names = {}
-    for _, _, label, name in entries:
-        if names.setdefault(label, name) != name:
-            raise UserError(f"{split_file} calls label {label} both {names[label]!r} and {name!r}; {damaged}")
+    for _, _, label, classname in entries:
+        if names.setdefault(label, classname) != classname:
+            raise UserError(f"{split_file} calls label {label} both {names[label]!r} and {classname!r}; {damaged}")
     if sorted(names) != list(range(len(names))):
         raise UserError(f"{split_file} has labels {sorted(names)[:5]}... that are not 0 to {len(names) - 1}; {damaged}")
     missing = [images / path for _, path, _, _ in entries if not (images / path).is_file()]
@@ -736,7 +739,8 @@ def read_split_file(split_file, images):
         warn(f"{split_file.name}: {split['made_by']}")
     train, test = ([(images / path, label) for part, path, label, _ in entries if part == p] for p in ("train", "test"))
     classnames = [names[label].replace("_", " ") for label in range(len(names))]
-    return classnames, train, test, f"{split_file.name} (sha256 {sha256_of(split_file)})"
+    verified = {images / path: bool(flag) for path, flag in split.get("verified", {}).items()}
+    return Dataset(classnames, train, test, f"{split_file.name} (sha256 {sha256_of(split_file)})", name, template, verified)
 
 def load_dataset(root):
     """The Dataset in root: a split file of DATASETS and its images, or a folder of class folders (also
@@ -747,13 +751,13 @@ def load_dataset(root):
                         f"datasets into it with: python prepare_data.py {root} --download NAME")
     for name, (split_name, images, template) in DATASETS.items():
         if (root / split_name).is_file():
-            return Dataset(*read_split_file(root / split_name, root / images), name, template)
+            return read_split_file(root / split_name, root / images, name, template)
     if (root / "split.json").is_file():  # prepare_data.py's, of DIR/train and DIR/test folders of class folders
-        return Dataset(*read_split_file(root / "split.json", root), "image folder", "a photo of a {}.")
+        return read_split_file(root / "split.json", root, "image folder", "a photo of a {}.")
     name = "Caltech101" if (root / "101_ObjectCategories").is_dir() else "image folder"
     if name != "Caltech101" and any((root / marker).exists() for marker in (
             "images", "jpg", "2750", "SUN397", "UCF-101-midframes", "cars_train", "train", "variants.txt",
-            "classnames.txt")):
+            "classnames.txt", "Food-101N_release", "food-101n")):
         raise UserError(f"{root} holds a dataset in a layout dspt.py does not read; put CoOp's split file there "
                         f"({SPLIT_FILES_URL}), or run: python prepare_data.py {root}")
     read = (read_class_folders(root / "101_ObjectCategories", CALTECH_DROPPED, CALTECH_RENAMED)
@@ -880,7 +884,7 @@ def load_checkpoint(path):
 
 def train(method, items, labels, noisy, args, checkpoint=None):
     """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the
-    wrong ones. Returns the per-epoch history. Without augmentation the images' features never
+    wrong ones (1, or True; -1: not known, as for Food-101N's unverified images). Returns the per-epoch history. Without augmentation the images' features never
     change, so they are encoded once. After every epoch the state (trained parameters, optimizer,
     scaler, history, and the random states that decide the later batches and augmentations) is
     saved to checkpoint, if given; a run that finds one there continues after its epoch."""
@@ -943,9 +947,9 @@ def train(method, items, labels, noisy, args, checkpoint=None):
         correct, norms, is_noisy = torch.cat(correct), torch.cat(norms), torch.cat(is_noisy)
         history.append({
             "epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr,
-            "train_accuracy_clean": mean_or_none(correct[~is_noisy]),  # against the given labels:
-            "train_accuracy_noisy": mean_or_none(correct[is_noisy]),   # here that is memorisation
-            "grad_norm_clean": mean_or_none(norms[~is_noisy]), "grad_norm_noisy": mean_or_none(norms[is_noisy]),
+            "train_accuracy_clean": mean_or_none(correct[is_noisy == 0]),  # against the given labels:
+            "train_accuracy_noisy": mean_or_none(correct[is_noisy == 1]),  # here that is memorisation
+            "grad_norm_clean": mean_or_none(norms[is_noisy == 0]), "grad_norm_noisy": mean_or_none(norms[is_noisy == 1]),
             "seconds": time.time() - start, **method.epoch_record(epoch)})
         print(format_epoch(history[-1], args.epochs), flush=True)
         if checkpoint:
@@ -992,6 +996,9 @@ def build_parser():
     add("--lr", type=float, default=0.002, help="SGD learning rate before cosine decay (default %(default)s)")
     add("--no-augment", action="store_true", help="train on fixed center crops, encoding the training images "
         "once: much faster, but not CoOp's protocol, which augments with random resized crops and flips")
+    add("--verified-only", action="store_true", help="sample the few-shot set only from the images whose label "
+        "was verified (Food-101N's verified subset), so that every label's truth is known; the peers sample from "
+        "all of Food-101N's images")
     add("--seed", type=int, default=1, help="seed of the few-shot sample, the label noise, the context and the "
         "order (default %(default)s)")
     add("--out", metavar="DIR", help="output folder (default: runs/[<method>-]<data>-<backbone>-<loss>-<kind><noise>-"
@@ -1144,12 +1151,21 @@ def finished_or_resumable(args):
     if checkpoint.is_file():
         same_run(load_checkpoint(checkpoint), checkpoint, args)
 
-def noisy_few_shot(train_items, num_classes, args):
-    """(--shots items per class, their labels with --noise, mask of the wrong ones, n_unreadable)."""
-    items, unreadable = sample_few_shot(train_items, num_classes, args.shots, args.seed)
+def noisy_few_shot(train_items, num_classes, args, verified=None):
+    """(--shots items per class, their labels with --noise, which are wrong, n_unreadable). Without
+    verified flags: a bool mask; with them (Food-101N's): int8, 1 wrong, 0 right, -1 not known."""
+    if args.verified_only and not verified:
+        raise UserError(f"--verified-only needs verified labels, and {args.data} has none; prepare Food-101N with "
+                        f"prepare_data.py, or leave --verified-only out")
+    pool = [item for item in train_items if item[0] in verified] if args.verified_only else train_items
+    items, unreadable = sample_few_shot(pool, num_classes, args.shots, args.seed)
     clean = np.array([label for _, label in items])
     given = inject_label_noise(clean, num_classes, args.noise, args.noise_kind, args.seed)
-    return items, torch.from_numpy(given), torch.from_numpy(given != clean), unreadable
+    wrong = torch.from_numpy(given != clean)
+    if verified:
+        truth = torch.tensor([-1 if path not in verified else 0 if verified[path] else 1 for path, _ in items])
+        wrong = torch.where(wrong, 1, truth).to(torch.int8)
+    return items, torch.from_numpy(given), wrong, unreadable
 
 def encode_test_set(clip, dataset, preprocess, args):
     """(features, labels, n_unreadable) of the readable test images, each encoded once."""
@@ -1165,9 +1181,13 @@ def zero_shot_text_features(clip, tokenizer, template, classnames, args):
     with torch.no_grad(), autocast(args):
         return clip.encode_text(tokens.to(args.device))
 
-def save_outputs(args, learner, dataset, items, given, metrics):
-    """prompt.pt, training_sample.csv (each image with its true and given label) and metrics.json in
-    --out, each written whole or not at all."""
+def label_truth(noisy):
+    """How many training labels are right, wrong and not known (noisy: noisy_few_shot's)."""
+    return {"right": int((noisy == 0).sum()), "wrong": int((noisy == 1).sum()), "unknown": int((noisy < 0).sum())}
+
+def save_outputs(args, learner, dataset, items, given, noisy, metrics):
+    """prompt.pt, training_sample.csv (each image with its true and given label, and whether the given label
+    is right, wrong or not known) and metrics.json in --out, each written whole or not at all."""
     out, text = Path(args.out), io.StringIO()
     metrics_json = json.dumps(metrics, indent=2, allow_nan=False)  # valid JSON, or nothing is written
     atomic_write(out / "prompt.pt", lambda f: torch.save({
@@ -1175,10 +1195,11 @@ def save_outputs(args, learner, dataset, items, given, metrics):
         "name_prefix": learner.name_prefix,
         "trained": {n: p.detach().cpu() for n, p in learner.named_parameters() if p.requires_grad and n != "ctx"}}, f))
     rows = csv.writer(text, lineterminator="\n")
-    rows.writerow(["path", "true_label", "given_label", "true_class", "given_class"])
-    for (image, label), given_label in zip(items, given.tolist()):
+    rows.writerow(["path", "true_label", "given_label", "true_class", "given_class", "given_label_is"])
+    for (image, label), given_label, wrong in zip(items, given.tolist(), noisy.tolist()):
         image = Path(image).relative_to(args.data) if Path(image).is_relative_to(args.data) else Path(image)
-        rows.writerow([image.as_posix(), label, given_label, dataset.classnames[label], dataset.classnames[given_label]])
+        rows.writerow([image.as_posix(), label, given_label, dataset.classnames[label], dataset.classnames[given_label],
+                       "unknown" if wrong < 0 else "wrong" if wrong else "right"])
     atomic_write(out / "training_sample.csv", lambda f: f.write(text.getvalue().encode()))
     atomic_write(out / "metrics.json", lambda f: f.write(metrics_json.encode()))
     print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
@@ -1194,9 +1215,12 @@ def run(args):
             return finished
         dataset, tokenizer, clip, preprocess = load(args)
         classnames = dataset.classnames
-        train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args)
-        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({noisy.sum().item()} "
-              f"with wrong labels), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
+        train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified)
+        truth = label_truth(noisy)
+        known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
+        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({truth['wrong']} "
+              f"with wrong labels{known}), {len(dataset.test)} test images, {args.backbone} on {args.device} "
+              f"({args.precision})")
         # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
         test_features, test_labels, unreadable_test = encode_test_set(clip, dataset, preprocess, args)
         template_features = zero_shot_text_features(clip, tokenizer, args.template or dataset.template, classnames, args)
@@ -1212,9 +1236,10 @@ def run(args):
             "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
             "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
             "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
-            "unreadable_images": unreadable + unreadable_test, "noise_rate": noisy.float().mean().item(),
+            "unreadable_images": unreadable + unreadable_test, "noise_rate": truth["wrong"] / len(noisy),
+            **({"label_truth": truth} if dataset.verified else {}),
             "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history}
-        save_outputs(args, learner, dataset, train_items, given, metrics)
+        save_outputs(args, learner, dataset, train_items, given, noisy, metrics)
         return metrics
 
 def reuse_freed_memory():

@@ -17,6 +17,17 @@ What it does, once per folder:
   dspt.py reads Caltech101's folder as it is) gets one made here, 50/20/30 per class with dspt.py's seed, marked
   as made here: put CoOp's own split file (see SPLIT_FILES_URL) there to compare with published results.
 Datasets whose split only CoOp's file gives (OxfordPets, Flowers102, StanfordCars, SUN397) need that file.
+
+Food-101N (real label noise), as NLPrompt lays it out: DIR holds Food-101N's release (Food-101N_release/ or
+food-101n/: images/<class>/*.jpg and meta/) and Food-101 as CoOp lays it out (food-101/ with
+split_zhou_Food101.json and images/). split_Food101N.json then lists every Food-101N image as a training image
+labelled by its folder (the web search's label), Food-101's test split as the test set, and, under
+"verified", for the images the release verified, 1 if that label is right and 0 if not. The release's files,
+as its README describes them: meta/classes.txt, a header line then the 101 class names, Food-101's; and
+meta/verified_train.tsv and meta/verified_val.tsv, a header line ("class_name/key", "verification_label")
+then "<class>/<image>.jpg<TAB>0 or 1" lines. Assumed where it says nothing: the classes are in Food-101's
+order and named as Food-101's folders (checked, against CoOp's split file), and an image listed in both
+files has the same flag in both (checked).
 """
 
 import argparse
@@ -61,11 +72,12 @@ def download(name, root):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_split(path, train, test, images, val=(), made_by=None):
+def write_split(path, train, test, images, val=(), made_by=None, verified=None):
     """A split file in CoOp's format: [path relative to images, label, class name] per image."""
     def rows(part):
         return [[Path(p).relative_to(images).as_posix(), label, name] for p, label, name in part]
-    split = {"train": rows(train), "val": rows(val), "test": rows(test), **({"made_by": made_by} if made_by else {})}
+    split = {"train": rows(train), "val": rows(val), "test": rows(test), **({"made_by": made_by} if made_by else {}),
+             **({"verified": verified} if verified is not None else {})}
     dspt.atomic_write(path, lambda f: f.write(json.dumps(split).encode()))
     print(f"wrote {path}: {len(train)} training and {len(test)} test images of "
           f"{len({label for _, label, _ in [*train, *test]})} classes")
@@ -104,6 +116,40 @@ def imagenet(root):
     write_split(root / "split_ImageNet.json", train, test, images)
 
 
+def food101n(root, release):
+    """split_Food101N.json in root from Food-101N's release folder and root/food-101 (see the docstring)."""
+    meta, food101 = release / "meta", root / "food-101"
+    if not (meta / "classes.txt").is_file():
+        raise dspt.UserError(f"{release} has no meta/classes.txt; unpack Food-101N's release whole, with its meta/")
+    if not (food101 / "split_zhou_Food101.json").is_file():
+        raise dspt.UserError(f"Food-101N's test set is Food-101's: put Food-101 with CoOp's split_zhou_Food101.json "
+                             f"in {food101} ({dspt.SPLIT_FILES_URL})")
+    classes = (meta / "classes.txt").read_text().split()[1:]  # after the header line
+    food = dspt.read_split_file(food101 / "split_zhou_Food101.json", food101 / "images", "Food101", "")
+    if [name.replace("_", " ") for name in classes] != food.classnames:
+        extra = set(name.replace("_", " ") for name in classes) ^ set(food.classnames)
+        raise dspt.UserError(f"{meta / 'classes.txt'} and {food101 / 'split_zhou_Food101.json'} do not name the same "
+                             f"classes in the same order (e.g. {sorted(extra)[:3] or 'the order'}); use both files "
+                             f"as released")
+    verified = {}
+    for tsv in (meta / "verified_train.tsv", meta / "verified_val.tsv"):
+        lines = tsv.read_text().splitlines()[1:] if tsv.is_file() else []
+        for number, line in enumerate(lines, 2):
+            key, _, flag = line.partition("\t")
+            if flag.strip() not in ("0", "1") or key.split("/")[0] not in classes:
+                raise dspt.UserError(f"{tsv}, line {number}, is not \"<class>/<image>.jpg<TAB>0 or 1\": {line[:60]!r}; "
+                                     f"use the file as Food-101N's release has it")
+            if verified.setdefault(key, int(flag)) != int(flag):
+                raise dspt.UserError(f"{tsv} flags {key} otherwise than the other verification file does")
+    train = [(path, c, name) for c, name in enumerate(classes) for path in dspt.images_in(release / "images" / name)]
+    if not train:
+        raise dspt.UserError(f"{release / 'images'} holds no images in class folders; unpack Food-101N's release whole")
+    test = [(path, label, classes[label]) for path, label in food.test]
+    flags = {(release / "images" / key).relative_to(root).as_posix(): flag for key, flag in verified.items()
+             if (release / "images" / key).is_file()}
+    write_split(root / "split_Food101N.json", train, test, root, verified=flags)
+
+
 def train_and_test_folders(root):
     names = [d.name for d in dspt.class_folders(root / "train")]
     if [d.name for d in dspt.class_folders(root / "test")] != names:
@@ -118,6 +164,9 @@ def prepare(root, name=None):
     root = Path(root)
     if not root.is_dir():
         raise dspt.UserError(f"{root} does not exist; give the dataset's folder, or add --download NAME")
+    release = next((root / name for name in ("Food-101N_release", "food-101n") if (root / name).is_dir()), None)
+    if release:
+        return food101n(root, release)
     for dataset, (_, images) in TORCHVISION.items():  # torchvision's layout -> CoOp's
         folder = dspt.DATASETS[dataset][1]
         if (root / images).is_dir() and not (folder != "." and (root / folder).exists()):

@@ -193,7 +193,8 @@ def test_training_sample_file_round_trips(tmp_path, image_folder, tiny_checkpoin
     path = tmp_path / "out" / "training_sample.csv"
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "true_label", "given_label", "true_class", "given_class"]
+    assert list(rows[0]) == ["path", "true_label", "given_label", "true_class", "given_class", "given_label_is"]
+    assert [row["given_label_is"] == "wrong" for row in rows] == noisy.tolist()
     assert [row["path"] for row in rows] == [str(Path(p).relative_to(image_folder)) for p, _ in items]
     assert all(row["true_class"] == metrics["classnames"][int(row["true_label"])] for row in rows)
     assert all(row["given_class"] == metrics["classnames"][int(row["given_label"])] for row in rows)
@@ -325,3 +326,107 @@ def test_datasets_only_coop_s_split_file_describes_are_not_read_as_class_folders
         dspt.load_dataset(tmp_path)
     expect_user_error(capsys, [str(tmp_path)], f"{name}'s split comes only from CoOp's {dspt.DATASETS[name][0]}",
                       script=prepare_data)
+
+
+# -----------------------------------------------------------------------------
+# Food-101N: real label noise, with the release's verification flags as the truth.
+
+FOOD = ["apple_pie", "pizza", "sushi"]
+
+
+def write_food101n(root, release="food-101n", classes=FOOD, flag_line=None):
+    """A miniature of Food-101N's release (6 web images a class, 4 of them verified: image 0 and 1 right,
+    2 and 3 wrong) beside Food-101 with CoOp's split file (2 train and 3 test images a class). Returns
+    the verification flags written, by path relative to root."""
+    flags = {}
+    (root / release / "meta").mkdir(parents=True)
+    (root / release / "meta" / "classes.txt").write_text("class_name\n" + "".join(f"{c}\n" for c in classes))
+    train_lines, val_lines = ["class_name/key\tverification_label"], ["class_name/key\tverification_label"]
+    for name in FOOD:
+        for i in range(6):
+            image(root / release / "images" / name / f"{name}{i:03d}.jpg")
+            if i < 4:
+                (train_lines if i % 2 else val_lines).append(f"{name}/{name}{i:03d}.jpg\t{int(i < 2)}")
+                flags[f"{release}/images/{name}/{name}{i:03d}.jpg"] = int(i < 2)
+    if flag_line:
+        train_lines.append(flag_line)
+    (root / release / "meta" / "verified_train.tsv").write_text("\n".join(train_lines) + "\n")
+    (root / release / "meta" / "verified_val.tsv").write_text("\n".join(val_lines) + "\n")
+    (root / release / "meta" / "imagelist.tsv").write_text(
+        "class_name/key\n" + "".join(f"{n}/{n}{i:03d}.jpg\n" for n in FOOD for i in range(6)))
+    split = {"train": [], "val": [], "test": []}
+    for c, name in enumerate(FOOD):
+        for i in range(5):
+            part = "train" if i < 2 else "test"
+            split[part].append([f"{name}/{i}.jpg", c, name])
+            image(root / "food-101" / "images" / name / f"{i}.jpg")
+    (root / "food-101" / "split_zhou_Food101.json").write_text(json.dumps(split))
+    return flags
+
+
+@pytest.mark.parametrize("release", ["food-101n", "Food-101N_release"])
+def test_food101n_trains_on_web_labels_and_tests_on_food101(tmp_path, release):
+    root = tmp_path / "food"
+    flags = write_food101n(root, release)
+    with pytest.raises(dspt.UserError, match=f"run: python prepare_data.py {root}"):
+        dspt.load_dataset(root)
+    prepare_data.main([str(root)])
+    dataset = dspt.load_dataset(root)
+    assert dataset.name == "Food101N" and dataset.template == "a photo of {}, a type of food."
+    assert dataset.classnames == ["apple pie", "pizza", "sushi"]  # Food-101's names and order
+    assert sorted((p.relative_to(root).as_posix(), c) for p, c in dataset.train) == sorted(
+        (f"{release}/images/{n}/{n}{i:03d}.jpg", c) for c, n in enumerate(FOOD) for i in range(6))
+    assert [(p.relative_to(root).as_posix(), c) for p, c in dataset.test] == [
+        (f"food-101/images/{n}/{i}.jpg", c) for c, n in enumerate(FOOD) for i in range(2, 5)]
+    assert {p.relative_to(root).as_posix(): int(v) for p, v in dataset.verified.items()} == flags
+
+
+def read_sample(out):
+    with open(out / "training_sample.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_food101n_verified_flags_reach_the_diagnostics_and_the_training_sample(tmp_path, tiny_checkpoint):
+    root = tmp_path / "food"
+    flags = write_food101n(root)
+    prepare_data.main([str(root)])
+    metrics = run_main(tmp_path, root, "--shots", "6", "--epochs", "1", backbone=tiny_checkpoint)
+    rows = read_sample(tmp_path / "out")
+    expected = ["unknown" if row["path"] not in flags else "right" if flags[row["path"]] else "wrong" for row in rows]
+    assert [row["given_label_is"] for row in rows] == expected and len(rows) == 18
+    assert metrics["label_truth"] == {"right": 6, "wrong": 6, "unknown": 6} and metrics["noise_rate"] == 6 / 18
+    record = metrics["history"][0]
+    assert record["train_accuracy_clean"] is not None and record["grad_norm_noisy"] > 0
+    verified = run_main(tmp_path / "verified", root, "--shots", "2", "--epochs", "1", "--verified-only",
+                        backbone=tiny_checkpoint)
+    rows = read_sample(tmp_path / "verified" / "out")
+    assert all(row["path"] in flags for row in rows) and verified["label_truth"]["unknown"] == 0
+    assert verified["label_truth"]["right"] + verified["label_truth"]["wrong"] == 6
+
+
+def test_verified_only_needs_verified_labels(tmp_path, image_folder, tiny_checkpoint, capsys):
+    expect_user_error(capsys, ["--data", str(image_folder), "--backbone", str(tiny_checkpoint), "--verified-only",
+                               "--out", str(tmp_path / "out")], "--verified-only needs verified labels")
+
+
+FOOD101N_ERRORS = {
+    "no meta": "has no meta/classes.txt",
+    "other verification format": "verified_train.tsv, line",
+    "a class missing": "do not name the same classes",
+    "no Food-101": "put Food-101 with CoOp's split_zhou_Food101.json",
+}
+
+
+@pytest.mark.parametrize("kind", list(FOOD101N_ERRORS))
+def test_food101n_layout_errors_name_the_file_and_the_fix(tmp_path, capsys, kind):
+    root = tmp_path / "food"
+    write_food101n(root, classes=FOOD[:2] if kind == "a class missing" else FOOD,
+                   flag_line="pizza/pizza000.jpg yes" if kind == "other verification format" else None)
+    if kind == "no meta":
+        for path in (root / "food-101n" / "meta").iterdir():
+            path.unlink()
+        (root / "food-101n" / "meta").rmdir()
+    if kind == "no Food-101":
+        (root / "food-101" / "split_zhou_Food101.json").unlink()
+    expect_user_error(capsys, [str(root)], FOOD101N_ERRORS[kind], script=prepare_data)
+    assert not (root / "split_Food101N.json").exists()

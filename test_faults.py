@@ -113,7 +113,8 @@ def test_metrics_with_a_non_finite_number_are_refused_not_written_as_bare_nan(tm
     learner = type("Learner", (), {"ctx": torch.zeros(2, 4), "named_parameters": lambda self: []})()
     dataset = dspt.Dataset(["a"], [], [], "", "image folder", "{}")
     with pytest.raises(ValueError, match="not JSON compliant"):
-        dspt.save_outputs(args, learner, dataset, [], torch.zeros(0, dtype=torch.long), {"test_accuracy": float("nan")})
+        dspt.save_outputs(args, learner, dataset, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
+                          {"test_accuracy": float("nan")})
     assert not (tmp_path / "out").exists()  # not even the prompt
 
 
