@@ -164,7 +164,7 @@ def prepare(root, name=None):
     root = Path(root)
     if not root.is_dir():
         raise dspt.UserError(f"{root} does not exist; give the dataset's folder, or add --download NAME")
-    release = next((root / name for name in ("Food-101N_release", "food-101n") if (root / name).is_dir()), None)
+    release = next((root / folder for folder in ("Food-101N_release", "food-101n") if (root / folder).is_dir()), None)
     if release:
         return food101n(root, release)
     for dataset, (_, images) in TORCHVISION.items():  # torchvision's layout -> CoOp's
