@@ -559,83 +559,78 @@ def check_args(args):
         args.out = str(Path(args.out).with_name(f"{args.method}-{Path(args.out).name}"))
 
 
+def prepare(args, shared):
+    """dspt.prepare for args.method: its template, training set, context and method."""
+    dataset, tokenizer, clip, preprocess = shared.dataset, shared.tokenizer, shared.clip, shared.preprocess
+    classnames, train_items = dataset.classnames, dataset.train
+    template, ctx_init, name_prefix = args.template or dataset.template, args.ctx_init, ""
+    if args.method == "prograd" and args.prograd_init == "release" and dataset.name in PROGRAD_TEMPLATES:
+        template = args.template or PROGRAD_TEMPLATES[dataset.name]
+        if not args.ctx_init:
+            ctx_init, name_prefix = prograd_release_context(PROGRAD_TEMPLATES[dataset.name], tokenizer)
+    template_features = dspt.zero_shot_text_features(clip, tokenizer, template, classnames, args)
+    if args.method == "upl":
+        pool_size = len(train_items)
+        train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
+            clip, preprocess, train_items, template_features, args)
+        extra = {"pseudo_label_pool": pool_size, "pseudo_label_accuracy": 1 - noisy.float().mean().item()}
+        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
+              f"{pool_size} ({noisy.sum().item()} wrong), {len(dataset.test)} test images, "
+              f"{args.backbone} on {args.device} ({args.precision})")
+    else:
+        train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args,
+                                                                      dataset.verified)
+        extra = {"label_truth": dspt.label_truth(noisy)} if dataset.verified else {}
+        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images "
+              f"({(noisy == 1).sum().item()} with wrong labels), {len(dataset.test)} test images, {args.backbone} "
+              f"on {args.device} ({args.precision})")
+    zero_shot = dspt.accuracy(clip.logits(shared.test_features, template_features), shared.test_labels)
+    print(f"zero-shot test accuracy {zero_shot:.2%}")
+
+    learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, ctx_init, name_prefix)
+    loss_fn, scaler = dspt.LOSSES[args.loss], dspt.grad_scaler(args)
+    if args.method == "prograd":
+        method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
+    elif args.method in ("nlprompt", "visprompt"):
+        with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
+            features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
+                                                         "encoding training images for optimal transport")
+        method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
+                                                                         scaler)
+    elif args.method == "anprompt":
+        noise = noise_prompts(clip, tokenizer, classnames, template, len(learner.ctx))
+        method = ANPrompt(learner, noise, loss_fn, scaler=scaler)
+    else:  # coop, upl
+        method = dspt.PromptTuning(learner, loss_fn, scaler)
+    metrics = {
+        "method": args.method,
+        "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
+        "dataset": dataset.name, "split": dataset.split, "template": template,
+        **({"prograd_context_init": ctx_init, "prograd_name_prefix": name_prefix} if args.method == "prograd" else {}),
+        "classnames": classnames, "train_images": len(train_items), "test_images": len(shared.test_labels),
+        "unreadable_images": unreadable + shared.unreadable_test,
+        "noise_rate": (noisy == 1).float().mean().item(), **extra, "zero_shot_accuracy": zero_shot,
+    }
+    return dspt.Job(method, train_items, labels, noisy, args, Path(args.out) / "checkpoint.pt", metrics)
+
+
+def finish(job, history, shared):
+    """dspt.finish, with the test logits of methods whose prompts depend on the image."""
+    args, method, clip = job.args, job.method, shared.clip
+    with torch.no_grad(), dspt.autocast(args):
+        if args.method == "visprompt":  # each test image with its own prompts
+            logits = torch.cat([method.logits(chunk) for chunk in shared.test_features.split(256)])
+        elif args.method == "anprompt":  # each test image through the prompted encoder again
+            logits, _, _ = dspt.encode_images(clip, shared.dataset.test, shared.preprocess, args, "encoding test images",
+                                              lambda images: method.logits(method.encode(images)))
+        else:
+            logits = None
+    return dspt.finish(job, history, shared, logits)
+
+
 def run(args):
     """Train and evaluate args.method; returns the metrics, also written to --out, which the run holds meanwhile."""
-    check_args(args)
-    with dspt.owning(args.out):
-        finished = dspt.finished_or_resumable(args)
-        if finished:
-            print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy "
-                  f"{finished['test_accuracy']:.2%}); pass --fresh to run it again")
-            return finished
-        dataset, tokenizer, clip, preprocess = dspt.load(args)
-        classnames, train_items, test_items = dataset.classnames, dataset.train, dataset.test
-        template, ctx_init, name_prefix = args.template or dataset.template, args.ctx_init, ""
-        if args.method == "prograd" and args.prograd_init == "release" and dataset.name in PROGRAD_TEMPLATES:
-            template = args.template or PROGRAD_TEMPLATES[dataset.name]
-            if not args.ctx_init:
-                ctx_init, name_prefix = prograd_release_context(PROGRAD_TEMPLATES[dataset.name], tokenizer)
-        template_features = dspt.zero_shot_text_features(clip, tokenizer, template, classnames, args)
-        if args.method == "upl":
-            pool_size = len(train_items)
-            train_items, labels, noisy, unreadable = pseudo_labelled_training_set(
-                clip, preprocess, train_items, template_features, args)
-            extra = {"pseudo_label_pool": pool_size, "pseudo_label_accuracy": 1 - noisy.float().mean().item()}
-            print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images pseudo-labelled from "
-                  f"{pool_size} ({noisy.sum().item()} wrong), {len(test_items)} test images, "
-                  f"{args.backbone} on {args.device} ({args.precision})")
-        else:
-            train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args,
-                                                                          dataset.verified)
-            extra = {"label_truth": dspt.label_truth(noisy)} if dataset.verified else {}
-            print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images "
-                  f"({(noisy == 1).sum().item()} "
-                  f"with wrong labels), {len(test_items)} test images, {args.backbone} on {args.device} "
-                  f"({args.precision})")
-
-        test_features, test_labels, unreadable_test = dspt.encode_test_set(clip, dataset, preprocess, args)
-        zero_shot = dspt.accuracy(clip.logits(test_features, template_features), test_labels)
-        print(f"zero-shot test accuracy {zero_shot:.2%}")
-
-        learner = dspt.PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, ctx_init, name_prefix)
-        loss_fn, scaler = dspt.LOSSES[args.loss], dspt.grad_scaler(args)
-        if args.method == "prograd":
-            method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
-        elif args.method in ("nlprompt", "visprompt"):
-            with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
-                features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
-                                                             "encoding training images for optimal transport")
-            method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
-                                                                             scaler)
-        elif args.method == "anprompt":
-            noise = noise_prompts(clip, tokenizer, classnames, template, len(learner.ctx))
-            method = ANPrompt(learner, noise, loss_fn, scaler=scaler)
-        else:  # coop, upl
-            method = dspt.PromptTuning(learner, loss_fn, scaler)
-        history = dspt.train(method, train_items, labels, noisy, args, Path(args.out) / "checkpoint.pt")
-        with torch.no_grad(), dspt.autocast(args):
-            if args.method == "visprompt":  # each test image with its own prompts
-                logits = torch.cat([method.logits(chunk) for chunk in test_features.split(256)])
-            elif args.method == "anprompt":  # each test image through the prompted encoder again
-                logits, _, _ = dspt.encode_images(clip, test_items, preprocess, args, "encoding test images",
-                                                  lambda images: method.logits(method.encode(images)))
-            else:
-                logits = clip.logits(test_features, learner.text_features())
-            final = dspt.accuracy(logits, test_labels)
-        print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
-
-        metrics = {
-            "method": args.method,
-            "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": dspt.command(args),
-            "dataset": dataset.name, "split": dataset.split, "template": template,
-            **({"prograd_context_init": ctx_init, "prograd_name_prefix": name_prefix} if args.method == "prograd" else {}),
-            "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
-            "unreadable_images": unreadable + unreadable_test,
-            "noise_rate": (noisy == 1).float().mean().item(), **extra,
-            "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history,
-        }
-        dspt.save_outputs(args, learner, dataset, train_items, labels, noisy, metrics)
-        return metrics
+    return dspt.run(args, check_args, prepare, finish)
 
 
 def main(argv=None):

@@ -882,15 +882,32 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"the checkpoint {path} is damaged ({first_line(e)}); delete it, or pass --fresh") from None
 
-def train(method, items, labels, noisy, args, checkpoint=None):
-    """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the
-    wrong ones (1, or True; -1: not known, as for Food-101N's unverified images). Returns the per-epoch history. Without augmentation the images' features never
-    change, so they are encoded once. After every epoch the state (trained parameters, optimizer,
-    scaler, history, and the random states that decide the later batches and augmentations) is
-    saved to checkpoint, if given; a run that finds one there continues after its epoch."""
-    clip, scaler = method.learner.clip, method.scaler
-    trained = {name: p for name, p in method.learner.named_parameters() if p.requires_grad}  # ctx, a method's own
-    optimizer = torch.optim.SGD(trained.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+class Job(NamedTuple):
+    """A run ready to train: its method, its few-shot items, their given labels and which of them are wrong (see
+    train()), its args and checkpoint file, and the metrics known before training (see prepare())."""
+    method: PromptTuning
+    items: list
+    labels: torch.Tensor
+    noisy: torch.Tensor
+    args: argparse.Namespace
+    checkpoint: Path = None
+    metrics: dict = {}
+
+def train(method, items, labels, noisy, args, checkpoint=None, together=()):
+    """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the wrong ones
+    (1, or True; -1: not known, as for Food-101N's unverified images). Returns the per-epoch history. Without
+    augmentation the images' features never change, so they are encoded once. After every epoch the state
+    (trained parameters, optimizer, scaler, history, and the random states that decide the later batches and
+    augmentations) is saved to checkpoint, if given; a run that finds one there continues after its epoch.
+
+    together: more Jobs on the same items whose args differ only in --loss, --noise, --noise-kind and --out, as
+    sweep.py groups them. Every run then sees the same batches, so each is read, augmented and encoded once, and
+    each run takes its own step on it, exactly as alone. Returns the list of histories; a run that diverges
+    stops, and its entry is its UserError."""
+    runs = [Job(method, items, labels, noisy, args, checkpoint), *together]
+    if any(run.items != items or type(run.method).encode is not type(method).encode for run in runs):
+        raise ValueError("runs trained together need the same items and the same image encoding")
+    clip = method.learner.clip
     generator, batch_size = torch.Generator().manual_seed(args.seed), min(args.batch_size, len(items))
     if args.no_augment:
         features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution), args,
@@ -911,53 +928,82 @@ def train(method, items, labels, noisy, args, checkpoint=None):
                 with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
                     image_features = method.encode(images.to(args.device, args.dtype))
                 yield image_features, index
-    history = []
-    if checkpoint and Path(checkpoint).is_file():
-        state = same_run(load_checkpoint(checkpoint), checkpoint, args)
-        for name, value in state["trained"].items():
-            trained[name].data.copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history = state["history"]
-        print(f"resuming after epoch {len(history)} from {checkpoint}", flush=True)
-    for epoch in range(len(history), args.epochs):
-        start, lr = time.time(), learning_rate(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses, correct, norms, is_noisy = [], [], [], []
+    tunings = [Tuning(run) for run in runs]
+    behind = min(tunings, key=lambda tuning: len(tuning.history))  # a run ahead waits for the others
+    if behind.state:  # the batches and augmentations go on from where they were after its epoch
+        generator.set_state(behind.state["generator"])
+        torch.set_rng_state(behind.state["torch_rng"])
+    for epoch in range(len(behind.history), args.epochs):
+        start, lr, active = time.time(), learning_rate(epoch, args), [t for t in tunings if len(t.history) == epoch]
+        for tuning in active:
+            tuning.start_epoch(lr)
         for step, (image_features, index) in enumerate(progress(batches(), steps, f"epoch {epoch + 1}"), 1):
-            target = labels[index].to(args.device)
-            with autocast(args):
-                logits, loss = method.step(image_features, target, index, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            finite = all(p.isfinite().all() for p in trained.values())
-            if not (finite and math.isfinite(losses[-1])):
-                raise UserError(f"training diverged at epoch {epoch + 1}, step {step} (loss {losses[-1]:.4g}, trained "
-                                f"parameters {'' if finite else 'not '}finite): lower --lr ({args.lr:g}); no result "
-                                f"is written, and the checkpoint of the last finished epoch is kept")
-            correct.append((logits.argmax(dim=-1) == target).cpu())
-            norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
-            is_noisy.append(noisy[index])
-        correct, norms, is_noisy = torch.cat(correct), torch.cat(norms), torch.cat(is_noisy)
-        history.append({
-            "epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr,
+            for tuning in active:
+                try:
+                    tuning.step(image_features, index, epoch, step)
+                except UserError as e:  # diverged: this run stops here, the others go on
+                    if len(runs) == 1:
+                        raise
+                    tuning.error = e
+            active = [tuning for tuning in active if tuning.error is None]
+        for tuning in active:
+            tuning.end_epoch(epoch, lr, time.time() - start, generator, len(runs) > 1)
+    return tunings[0].history if not together else [t.error or t.history for t in tunings]
+
+class Tuning:
+    """One run's side of train(): its trained parameters, optimizer, scaler, history and checkpoint."""
+    def __init__(self, run):
+        self.run, self.method, self.args, self.error, self.state = run, run.method, run.args, None, None
+        self.trained = {name: p for name, p in run.method.learner.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.SGD(self.trained.values(), lr=self.args.lr, momentum=0.9, weight_decay=5e-4)
+        self.history = []
+        if run.checkpoint and Path(run.checkpoint).is_file():
+            self.state = same_run(load_checkpoint(run.checkpoint), run.checkpoint, self.args)
+            for name, value in self.state["trained"].items():
+                self.trained[name].data.copy_(value)
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.method.scaler.load_state_dict(self.state["scaler"])
+            self.history = self.state["history"]
+            print(f"resuming after epoch {len(self.history)} from {run.checkpoint}", flush=True)
+
+    def start_epoch(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.losses, self.correct, self.norms, self.is_noisy = [], [], [], []
+
+    def step(self, image_features, index, epoch, step):
+        method, scaler, args = self.method, self.method.scaler, self.args
+        target = self.run.labels[index].to(args.device)
+        with autocast(args):
+            logits, loss = method.step(image_features, target, index, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.losses.append(loss.item())
+        finite = all(p.isfinite().all() for p in self.trained.values())
+        if not (finite and math.isfinite(self.losses[-1])):
+            raise UserError(f"training diverged at epoch {epoch + 1}, step {step} (loss {self.losses[-1]:.4g}, trained "
+                            f"parameters {'' if finite else 'not '}finite): lower --lr ({args.lr:g}); no result is "
+                            f"written, and the checkpoint of the last finished epoch is kept")
+        self.correct.append((logits.argmax(dim=-1) == target).cpu())
+        self.norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
+        self.is_noisy.append(self.run.noisy[index])
+
+    def end_epoch(self, epoch, lr, seconds, generator, named):
+        correct, norms, is_noisy = torch.cat(self.correct), torch.cat(self.norms), torch.cat(self.is_noisy)
+        self.history.append({
+            "epoch": epoch + 1, "loss": float(np.mean(self.losses)), "lr": lr,
             "train_accuracy_clean": mean_or_none(correct[is_noisy == 0]),  # against the given labels:
             "train_accuracy_noisy": mean_or_none(correct[is_noisy == 1]),  # here that is memorisation
             "grad_norm_clean": mean_or_none(norms[is_noisy == 0]), "grad_norm_noisy": mean_or_none(norms[is_noisy == 1]),
-            "seconds": time.time() - start, **method.epoch_record(epoch)})
-        print(format_epoch(history[-1], args.epochs), flush=True)
-        if checkpoint:
-            atomic_write(checkpoint, lambda f: torch.save({
-                "command": command(args), "trained": {n: p.detach().cpu() for n, p in trained.items()},
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}, f))
-    return history
+            "seconds": seconds, **self.method.epoch_record(epoch)})
+        print(f"{self.args.out}: " * named + format_epoch(self.history[-1], self.args.epochs), flush=True)
+        if self.run.checkpoint:
+            atomic_write(self.run.checkpoint, lambda f: torch.save({
+                "command": command(self.args), "trained": {n: p.detach().cpu() for n, p in self.trained.items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.method.scaler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history}, f))
 
 def format_epoch(record, epochs):
     def value(key, spec):
@@ -1204,43 +1250,67 @@ def save_outputs(args, learner, dataset, items, given, noisy, metrics):
     atomic_write(out / "metrics.json", lambda f: f.write(metrics_json.encode()))
     print(f"wrote {out / 'metrics.json'}, {out / 'prompt.pt'} and {out / 'training_sample.csv'}")
 
-def run(args):
-    """Train and evaluate; returns the metrics, also written to --out, which the run holds meanwhile."""
-    check_args(args)
+class Shared(NamedTuple):  # what runs that share their images load once
+    dataset: Dataset
+    tokenizer: Tokenizer
+    clip: CLIP
+    preprocess: transforms.Compose
+    test_features: torch.Tensor  # the frozen encoder sees each test image once, for zero-shot and final accuracy
+    test_labels: torch.Tensor
+    unreadable_test: int
+
+def load_shared(args):
+    dataset, tokenizer, clip, preprocess = load(args)
+    return Shared(dataset, tokenizer, clip, preprocess, *encode_test_set(clip, dataset, preprocess, args))
+
+def prepare(args, shared):
+    """The run's Job: its few-shot sample with --noise, its zero-shot accuracy, its learner and method."""
+    dataset, clip, classnames = shared.dataset, shared.clip, shared.dataset.classnames
+    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified)
+    truth = label_truth(noisy)
+    known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
+    print(f"{dataset.name}: {len(classnames)} classes, {len(items)} training images ({truth['wrong']} with wrong "
+          f"labels{known}), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
+    template_features = zero_shot_text_features(clip, shared.tokenizer, args.template or dataset.template, classnames,
+                                                args)
+    zero_shot = accuracy(clip.logits(shared.test_features, template_features), shared.test_labels)
+    print(f"zero-shot test accuracy {zero_shot:.2%}")
+    learner = PackedPromptLearner(clip, classnames, shared.tokenizer, args.n_ctx, args.ctx_init)
+    metrics = {
+        "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
+        "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
+        "classnames": classnames, "train_images": len(items), "test_images": len(shared.test_labels),
+        "unreadable_images": unreadable + shared.unreadable_test, "noise_rate": truth["wrong"] / len(noisy),
+        **({"label_truth": truth} if dataset.verified else {}), "zero_shot_accuracy": zero_shot}
+    return Job(PromptTuning(learner, LOSSES[args.loss], grad_scaler(args)), items, given, noisy, args,
+               Path(args.out) / "checkpoint.pt", metrics)
+
+def finish(job, history, shared, test_logits=None):
+    """The run's metrics with its test accuracy (from test_logits, by default the learned prompts'), written
+    to --out with its prompt and training sample."""
+    args, learner = job.args, job.method.learner
+    if test_logits is None:
+        with torch.no_grad(), autocast(args):
+            test_logits = shared.clip.logits(shared.test_features, learner.text_features())
+    final = accuracy(test_logits, shared.test_labels)
+    print(f"test accuracy {final:.2%} (zero-shot {job.metrics['zero_shot_accuracy']:.2%})")
+    metrics = {**job.metrics, "test_accuracy": final, "history": history}
+    save_outputs(args, learner, shared.dataset, job.items, job.labels, job.noisy, metrics)
+    return metrics
+
+def run(args, check=check_args, prepare=prepare, finish=finish):
+    """Train and evaluate; returns the metrics, also written to --out, which the run holds meanwhile.
+    baselines.py's runs are this with its own check, prepare and finish; sweep.py also trains runs together."""
+    check(args)
     with owning(args.out):
         finished = finished_or_resumable(args)
         if finished:
             print(f"already finished: {Path(args.out) / 'metrics.json'} (test accuracy {finished['test_accuracy']:.2%}); "
                   f"pass --fresh to run it again")
             return finished
-        dataset, tokenizer, clip, preprocess = load(args)
-        classnames = dataset.classnames
-        train_items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified)
-        truth = label_truth(noisy)
-        known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
-        print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images ({truth['wrong']} "
-              f"with wrong labels{known}), {len(dataset.test)} test images, {args.backbone} on {args.device} "
-              f"({args.precision})")
-        # The frozen encoders see each test image once; the features serve zero-shot and final accuracy.
-        test_features, test_labels, unreadable_test = encode_test_set(clip, dataset, preprocess, args)
-        template_features = zero_shot_text_features(clip, tokenizer, args.template or dataset.template, classnames, args)
-        zero_shot = accuracy(clip.logits(test_features, template_features), test_labels)
-        print(f"zero-shot test accuracy {zero_shot:.2%}")
-        learner = PackedPromptLearner(clip, classnames, tokenizer, args.n_ctx, args.ctx_init)
-        history = train(PromptTuning(learner, LOSSES[args.loss], grad_scaler(args)), train_items, given, noisy, args,
-                        checkpoint=Path(args.out) / "checkpoint.pt")
-        with torch.no_grad(), autocast(args):
-            final = accuracy(clip.logits(test_features, learner.text_features()), test_labels)
-        print(f"test accuracy {final:.2%} (zero-shot {zero_shot:.2%})")
-        metrics = {
-            "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
-            "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
-            "classnames": classnames, "train_images": len(train_items), "test_images": len(test_labels),
-            "unreadable_images": unreadable + unreadable_test, "noise_rate": truth["wrong"] / len(noisy),
-            **({"label_truth": truth} if dataset.verified else {}),
-            "zero_shot_accuracy": zero_shot, "test_accuracy": final, "history": history}
-        save_outputs(args, learner, dataset, train_items, given, noisy, metrics)
-        return metrics
+        shared = load_shared(args)
+        job = prepare(args, shared)
+        return finish(job, train(job.method, job.items, job.labels, job.noisy, args, job.checkpoint), shared)
 
 def reuse_freed_memory():
     """Have glibc (Linux) keep freed memory for reuse, rather than pay at every step for the page

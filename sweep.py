@@ -51,6 +51,11 @@ METHODS = {
     "upl": ["baselines.py", "--method", "upl"],
 }
 WITHOUT_LABELS = {"upl"}  # runs only without noise
+# Runs that differ only in --loss, --noise and --noise-kind see the same images, and by default train together
+# (see run_together). ANPrompt does not: its image encoder carries learned prompts, so its images' features are
+# its own. UPL neither: its training set is zero-shot CLIP's pseudo-labels, one run per dataset and seed.
+SHARES_IMAGES = {"dspt", "ce", "gce", "mae", "prograd", "nlprompt", "visprompt"}
+VARYING = {"loss", "noise", "noise_kind", "out", "fresh"}  # what may differ within a group
 RATES = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
 
 
@@ -66,6 +71,12 @@ class Run:
         noise = [] if kind == "none" else ["--noise", str(rate), "--noise-kind", kind]
         self.command = [sys.executable, str(HERE / script), "--data", str(data), *flags, *noise,
                         "--seed", str(seed), *extra, "--out", str(self.folder)]
+
+    def group_key(self):
+        """Runs with the same key can train together: the same data, seed, script and flags but --loss."""
+        script, *flags = METHODS[self.method]
+        method = flags[flags.index("--method") + 1] if "--method" in flags else None
+        return (self.data, self.seed, script, method) if self.method in SHARES_IMAGES else (id(self),)
 
     def metrics(self):
         """The run's metrics.json, checked to be of the run this folder stands for."""
@@ -110,43 +121,204 @@ def grid(args):
 # -----------------------------------------------------------------------------
 # Running: N at a time, or one per GPU.
 
-def run_all(runs, jobs, gpus):
-    """Run each run's command (pending ones only), jobs at a time, each on its own GPU if gpus.
+def groups(runs):
+    """The runs as units to run: lists of runs that train together (same group_key), in the grid's order."""
+    units = {}
+    for run in runs:
+        units.setdefault(run.group_key(), []).append(run)
+    return list(units.values())
+
+
+def unit_command(unit, memory=None):
+    """The command of a unit: a run's own, or one process training the group's runs together."""
+    if len(unit) == 1:
+        return unit[0].command
+    script = unit[0].command[1]
+    argvs = [run.command[2:] for run in unit]
+    budget = [] if memory is None else ["--group-memory", f"{memory:g}"]
+    return [sys.executable, str(HERE / "sweep.py"), "--together", script, *budget, "--", *argvs[0],
+            *[arg for argv in argvs[1:] for arg in ("--and", *argv)]]
+
+
+def run_all(units, jobs, gpus, memory=None):
+    """Run each unit (a run, or a list of runs trained together), jobs at a time, each on its own GPU if gpus.
     Returns the failed runs. Prints a line of progress whenever a run ends."""
+    units = [unit if isinstance(unit, list) else [unit] for unit in units]
+    total = sum(len(unit) for unit in units)
     slots = queue.Queue()
     for slot in (range(gpus) if gpus else range(jobs)):
         slots.put(slot)
     lock, counts, failed, start = threading.Lock(), {"done": 0, "running": 0, "failed": 0}, [], time.time()
 
-    def one(run):
+    def one(unit):
         slot = slots.get()
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else {}))
+        command = unit_command(unit, memory)
         with lock:
-            counts["running"] += 1
+            counts["running"] += len(unit)
         begin = time.time()
-        run.folder.mkdir(parents=True, exist_ok=True)
-        (run.folder / "failed.txt").unlink(missing_ok=True)
-        with open(run.folder / "log.txt", "w") as log:
-            code = subprocess.run(run.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        for run in unit:
+            run.folder.mkdir(parents=True, exist_ok=True)
+            (run.folder / "failed.txt").unlink(missing_ok=True)
+        with open(unit[0].folder / "log.txt", "w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         slots.put(slot)
-        seconds = time.time() - begin
+        seconds, text = time.time() - begin, (unit[0].folder / "log.txt").read_text()
+        for run in unit[1:]:  # every run of a group keeps the group's log
+            (run.folder / "log.txt").write_text(text)
         with lock:
-            counts["running"] -= 1
-            counts["done" if code == 0 else "failed"] += 1
-            if code:
-                tail = (run.folder / "log.txt").read_text().splitlines()[-15:]
-                dspt.atomic_write(run.folder / "failed.txt", lambda f: f.write(
-                    (f"exit status {code}\n{shlex.join(run.command)}\n" + "\n".join(tail) + "\n").encode()))
-                failed.append(run)
-            result = (f"{run.metrics()['test_accuracy']:.2%}" if code == 0 else f"FAILED (exit {code}, see "
-                      f"{run.folder / 'failed.txt'})")
-            print(f"[{counts['done']} done, {counts['running']} running, {counts['failed']} failed, of {len(runs)}; "
-                  f"{time.time() - start:.0f}s] {run.dataset} {run.method} {run.setting} seed {run.seed}: {result} "
-                  f"({seconds:.0f}s)", flush=True)
+            for run in unit:
+                counts["running"] -= 1
+                ok = (run.folder / "metrics.json").is_file() and (code == 0 or len(unit) > 1)
+                counts["done" if ok else "failed"] += 1
+                if not ok:
+                    tail = "\n".join(text.splitlines()[-15:])
+                    dspt.atomic_write(run.folder / "failed.txt", lambda f: f.write(
+                        f"exit status {code}\n{shlex.join(command)}\n{tail}\n".encode()))
+                    failed.append(run)
+                result = (f"{run.metrics()['test_accuracy']:.2%}" if ok else f"FAILED (exit {code}, see "
+                          f"{run.folder / 'failed.txt'})")
+                together = f", {len(unit)} together" if len(unit) > 1 else ""
+                print(f"[{counts['done']} done, {counts['running']} running, {counts['failed']} failed, of {total}; "
+                      f"{time.time() - start:.0f}s] {run.dataset} {run.method} {run.setting} seed {run.seed}: "
+                      f"{result} ({seconds:.0f}s{together})", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(gpus or jobs) as pool:
-        list(pool.map(one, runs))
+        list(pool.map(one, units))
     return failed
+
+
+# -----------------------------------------------------------------------------
+# Runs that share their images, trained together in one process (python sweep.py --together ...).
+
+def memory_in_use(device, peak=False):
+    """Bytes the process uses now (or at its peak since reset_peak): on CUDA torch's allocated memory, on
+    the CPU the resident memory (Linux's /proc)."""
+    if str(device).startswith("cuda"):
+        import torch
+        return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device)
+    field = "VmHWM" if peak else "VmRSS"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(device):
+    if str(device).startswith("cuda"):
+        import torch
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the present resident memory
+        except OSError:
+            pass
+
+
+def default_memory(device):
+    """A quarter of the GPU's memory, or of the machine's, in bytes."""
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def held_bytes(job):
+    """The memory a run holds between steps, on top of what the group shares: its learner's and method's own
+    tensors, and for each trained parameter its gradient and momentum."""
+    import torch
+    shared = {id(t) for t in [*job.method.learner.clip.parameters(), *job.method.learner.clip.buffers()]}
+    tensors = {id(t): t for module in (job.method.learner, job.method) if isinstance(module, torch.nn.Module)
+               for t in [*module.parameters(), *module.buffers()] if id(t) not in shared}
+    tensors.update({id(t): t for t in vars(job.method).values() if isinstance(t, torch.Tensor)})
+    tensors.update({id(t): t for t in (job.labels, job.noisy)})
+    return sum(t.nbytes * (3 if t.requires_grad else 1) for t in tensors.values())
+
+
+def run_together(script, argvs, memory=None):
+    """Train the runs of argvs (each a command line of script) as one group: the data, CLIP and the test
+    set's features are loaded once; each run is prepared as alone; train() steps them all on each batch.
+    Runs that hold more than memory bytes together go in several passes. Finished runs are skipped.
+    Returns the runs' metrics; a run that fails is named at the end, after the others finished."""
+    import torch
+    import baselines
+    module = baselines if Path(script).name == "baselines.py" else dspt
+    group = [module.parse_args(argv) for argv in argvs]
+    for args in group:
+        module.check_args(args)
+        if getattr(args, "method", None) in ("anprompt",):
+            raise dspt.UserError(f"--method {args.method} cannot train together with other runs: its image "
+                                 f"features are its own; run it alone")
+    keys = [{k: v for k, v in dspt.command(args).items() if k not in VARYING} for args in group]
+    for args, key in zip(group[1:], keys[1:]):
+        differs = sorted(k for k in {**key, **keys[0]} if key.get(k) != keys[0].get(k))
+        if differs:
+            raise dspt.UserError(f"runs trained together may differ only in --loss, --noise and --noise-kind; "
+                                 f"{args.out} differs from {group[0].out} in --{differs[0].replace('_', '-')}")
+    results, failures = {}, []
+    import contextlib
+    with contextlib.ExitStack() as held:
+        for args in group:
+            held.enter_context(dspt.owning(args.out))
+        pending = []
+        for args in group:
+            results[args.out] = dspt.finished_or_resumable(args)
+            if results[args.out]:
+                print(f"already finished: {Path(args.out) / 'metrics.json'}")
+            else:
+                pending.append(args)
+        if not pending:
+            return [results[args.out] for args in group]
+        shared = dspt.load_shared(pending[0])
+        budget, start_state, passes = memory or default_memory(pending[0].device), torch.get_rng_state(), 0
+        while pending:
+            reset_peak(pending[0].device)
+            jobs, sizes, after = [], [], None
+            for args in list(pending):
+                torch.set_rng_state(start_state)  # each run starts from the state a run alone has here
+                print(f"== {args.out}", flush=True)
+                job = module.prepare(args, shared)
+                if jobs and sum(sizes) + held_bytes(job) > budget:
+                    break  # the next pass prepares it again
+                if after is not None and not torch.equal(after, torch.get_rng_state()):
+                    raise dspt.UserError(f"{args.out} draws other random numbers while it is set up than "
+                                         f"{jobs[0].args.out}, so it cannot train together with it; run it alone")
+                jobs.append(job), sizes.append(held_bytes(job)), pending.remove(args)
+                after = torch.get_rng_state()
+            torch.set_rng_state(after)
+            first = jobs[0]
+            histories = dspt.train(first.method, first.items, first.labels, first.noisy, first.args, first.checkpoint,
+                                   together=jobs[1:])
+            histories = histories if len(jobs) > 1 else [histories]
+            for job, history in zip(jobs, histories):
+                if isinstance(history, Exception):
+                    failures.append(f"{job.args.out}: {history}")
+                else:
+                    print(f"== {job.args.out}", flush=True)
+                    results[job.args.out] = module.finish(job, history, shared)
+            passes += 1
+            print(f"pass {passes}: {len(jobs)} runs together, holding {sum(sizes) / 2**20:.3g} MiB of their own "
+                  f"(budget {budget / 2**30:.2f} GiB); peak memory {memory_in_use(first.args.device, True) / 2**30:.2f} "
+                  f"GiB", flush=True)
+    if failures:
+        raise dspt.UserError(f"{len(failures)} of the runs failed: " + "; ".join(failures))
+    return [results[args.out] for args in group]
+
+
+def together_main(argv):
+    """python sweep.py --together SCRIPT [--group-memory GIB] -- ARGS... [--and ARGS...]..."""
+    if len(argv) < 3 or "--" not in argv:
+        raise dspt.UserError("usage: sweep.py --together SCRIPT [--group-memory GIB] -- ARGS... --and ARGS...")
+    head, rest = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    memory = float(head[head.index("--group-memory") + 1]) * 2**30 if "--group-memory" in head else None
+    argvs, current = [], []
+    for arg in rest:
+        if arg == "--and":
+            argvs.append(current)
+            current = []
+        else:
+            current.append(arg)
+    return run_together(head[0], [*argvs, current], memory)
 
 
 # -----------------------------------------------------------------------------
@@ -287,10 +459,18 @@ def parse_args(argv=None):
                                                          "GPUs, one run per GPU)")
     add("--print-commands", action="store_true", help="print the pending runs' commands, one a line, and exit")
     add("--report", action="store_true", help="only collect the finished runs into the report")
+    add("--no-group", action="store_true", help="run every run alone; by default the runs that differ only in "
+        "their loss or noise (same data, seed and method) train together in one process, each image batch read, "
+        "augmented and encoded once for all of them, with results identical to alone")
+    add("--group-memory", type=float, metavar="GIB", help="what a group's runs may hold of their own (parameters, "
+        "optimizer state, buffers) before it trains in several passes (default: a quarter of the GPU's memory, or "
+        "of the machine's)")
     args = parser.parse_args(argv)
     args.extra = extra
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.group_memory is not None and not args.group_memory > 0:
+        parser.error("--group-memory must be a positive number of GiB")
     return args
 
 
@@ -304,6 +484,9 @@ def gpu_count():
 
 def main(argv=None):
     """Run the sweep's pending runs and write the report; returns (runs, failed runs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--together"]:
+        return together_main(argv[1:]), []
     args = parse_args(argv)
     runs = grid(args)
     record = Path(args.out) / "sweep.json"  # a finished run counts only if made with these arguments
@@ -315,16 +498,18 @@ def main(argv=None):
     if not record.is_file() and not args.report:
         dspt.atomic_write(record, lambda f: f.write(json.dumps({"extra": args.extra}).encode()))
     pending = [run for run in runs if run.status() != "finished"]
+    units = [[run] for run in pending] if args.no_group else groups(pending)
     if args.print_commands:
-        for run in pending:
-            print(shlex.join(run.command))
+        for unit in units:
+            print(shlex.join(unit_command(unit, args.group_memory)))
         return runs, []
     failed = []
     if not args.report:
         gpus = gpu_count() if gpu_count() > 1 else 0
-        print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run "
-              f"{f'on {gpus} GPUs' if gpus else f'{args.jobs} at a time'}", flush=True)
-        failed = run_all(pending, args.jobs, gpus)
+        print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run in {len(units)} "
+              f"{'processes' if len(units) != 1 else 'process'}, {f'on {gpus} GPUs' if gpus else f'{args.jobs} at a time'}",
+              flush=True)
+        failed = run_all(units, args.jobs, gpus, args.group_memory)
     report(runs, args.out)
     print(f"wrote {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.csv'} and a plot per dataset")
     if failed:

@@ -104,12 +104,19 @@ def test_a_second_call_runs_nothing_and_a_deleted_run_runs_again(finished_sweep,
     assert {run.folder: (run.folder / "metrics.json").stat().st_mtime_ns for run in runs if run is not victim} == before
 
 
-def test_printed_commands_run_by_a_shell_loop_give_the_same_metrics(finished_sweep, checkpoint, capsys, tmp_path):
+@pytest.mark.parametrize("group", [True, False], ids=["groups", "no-group"])
+def test_printed_commands_run_by_a_shell_loop_give_the_same_metrics(finished_sweep, checkpoint, capsys, tmp_path,
+                                                                    group):
     root, data, runs, _ = finished_sweep
     capsys.readouterr()
-    sweep.main(["--print-commands", *grid(data[:1], tmp_path / "elsewhere", checkpoint, seeds=("1",))])
+    sweep.main(["--print-commands", *([] if group else ["--no-group"]),
+                *grid(data[:1], tmp_path / "elsewhere", checkpoint, seeds=("1",))])
     commands = capsys.readouterr().out
-    assert len(commands.splitlines()) == 4 and all("--out" in line for line in commands.splitlines())
+    lines = commands.splitlines()
+    if group:  # the four runs share their images: one process trains them together
+        assert len(lines) == 1 and "sweep.py --together" in lines[0] and lines[0].count("--out") == 4
+    else:
+        assert len(lines) == 4 and all(line.count("--out") == 1 and "--together" not in line for line in lines)
     (tmp_path / "commands.txt").write_text(commands)
     subprocess.run(["bash", "-c", "while read -r line; do eval \"$line\" > /dev/null 2>&1; done < commands.txt"],
                    cwd=tmp_path, check=True)
