@@ -14,6 +14,11 @@ pending runs go N at a time (--jobs), or one per GPU on a machine with several. 
 parallel or xargs; run the same sweep with --report afterwards to collect them. Everything
 after "--" goes to every run.
 
+Runs that differ only in their loss or noise (same data, seed and method) see the same image
+batches, so by default they train together in one process (python sweep.py --together ...), each
+batch read, augmented and encoded once for all of them, with every output identical to the run
+made alone; --no-group runs each alone, --group-memory bounds what a group holds.
+
 A run that fails (a non-zero exit) is logged with its command and the end of its output in its
 folder, the sweep goes on, and the summary lists the failures; the tables mark failed and
 missing runs and average only the seeds that finished, saying how many.
@@ -228,7 +233,8 @@ def held_bytes(job):
     tensors, and for each trained parameter its gradient and momentum."""
     import torch
     shared = {id(t) for t in [*job.method.learner.clip.parameters(), *job.method.learner.clip.buffers()]}
-    tensors = {id(t): t for module in (job.method.learner, job.method) if isinstance(module, torch.nn.Module)
+    modules = [job.method.learner, job.method, *(m for m in vars(job.method).values() if isinstance(m, torch.nn.Module))]
+    tensors = {id(t): t for module in modules if isinstance(module, torch.nn.Module)
                for t in [*module.parameters(), *module.buffers()] if id(t) not in shared}
     tensors.update({id(t): t for t in vars(job.method).values() if isinstance(t, torch.Tensor)})
     tensors.update({id(t): t for t in (job.labels, job.noisy)})
@@ -310,7 +316,13 @@ def together_main(argv):
     if len(argv) < 3 or "--" not in argv:
         raise dspt.UserError("usage: sweep.py --together SCRIPT [--group-memory GIB] -- ARGS... --and ARGS...")
     head, rest = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    memory = float(head[head.index("--group-memory") + 1]) * 2**30 if "--group-memory" in head else None
+    try:
+        memory = float(head[head.index("--group-memory") + 1]) * 2**30 if "--group-memory" in head else None
+    except (IndexError, ValueError):
+        memory = 0
+    if Path(head[0]).name not in ("dspt.py", "baselines.py") or (memory is not None and not memory > 0):
+        raise dspt.UserError(f"--together takes dspt.py or baselines.py, not {head[0]}, and a positive "
+                             f"--group-memory in GiB")
     argvs, current = [], []
     for arg in rest:
         if arg == "--and":

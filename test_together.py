@@ -182,3 +182,13 @@ def test_train_refuses_runs_with_other_items_or_image_encoding(tiny_checkpoint):
                   dspt.Job(OwnEncoding(learner, dspt.double_softmax_loss), items, labels, labels, None)):
         with pytest.raises(ValueError, match="same items and the same image encoding"):
             dspt.train(method, items, labels, labels, None, together=[other])
+
+
+def test_a_group_command_with_bad_input_is_one_line(capsys):
+    import subprocess
+    import sys
+    for argv in (["--together", "train.py", "--", "--data", "x"], ["--together", "dspt.py", "--group-memory", "lots",
+                                                                    "--", "--data", "x"]):
+        result = subprocess.run([sys.executable, str(sweep.HERE / "sweep.py"), *argv], capture_output=True, text=True)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("sweep: error: --together takes dspt.py or baselines.py")
