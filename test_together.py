@@ -70,10 +70,13 @@ def test_runs_together_equal_the_runs_alone(tmp_path, image_folder, tiny_checkpo
     assert not any(torch.equal(contexts[0], ctx) for ctx in contexts[1:])  # the runs did differ
 
 
+@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "0", "--no-augment"], ["--workers", "2"]],
+                         ids=["augment", "no-augment", "workers"])
 @pytest.mark.parametrize("method", ["prograd", "nlprompt", "visprompt"])
-def test_methods_that_share_their_images_together_equal_alone(tmp_path, image_folder, tiny_checkpoint, method):
-    settings = [["--method", method, "--loss", "ce"], ["--method", method, "--loss", "ce", "--noise", "0.5"]]
-    for alone, together in alone_and_together(tmp_path, image_folder, tiny_checkpoint, settings, ["--workers", "0"],
+def test_methods_that_share_their_images_together_equal_alone(tmp_path, image_folder, tiny_checkpoint, method, extra):
+    settings = [["--method", method, "--loss", "ce"], ["--method", method, "--loss", "ce", "--noise", "0.5"],
+                ["--method", method, "--loss", "ce", "--noise", "0.25", "--noise-kind", "pair"]]
+    for alone, together in alone_and_together(tmp_path, image_folder, tiny_checkpoint, settings, extra,
                                               "baselines.py"):
         assert together == alone
 
