@@ -69,9 +69,11 @@ class Timer:
         return original
 
 
-def build_jobs(clip, items, args, tokenizer, classnames):
-    """The runs' jobs as dspt.prepare makes them (the few-shot sample given), each from the same RNG state."""
+def build_jobs(clip, items, args, tokenizer, classnames, only=None):
+    """The runs' jobs (or the one numbered only) as dspt.prepare makes them (the few-shot sample given), each from
+    the present RNG state, which is left as a run alone has it after its set-up."""
     settings = [(loss, kind, rate) for kind, rate in SETTINGS for loss in ("dspt", "ce", "gce", "mae")][:args.runs]
+    settings = settings if only is None else settings[only:only + 1]
     clean, start, jobs = np.array([label for _, label in items]), torch.get_rng_state(), []
     for loss, kind, rate in settings:
         torch.set_rng_state(start)
@@ -137,11 +139,15 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         warm = build_jobs(clip, items, argparse.Namespace(**{**vars(args), "runs": 1}), tokenizer, classnames)
         timed_train(warm, argparse.Namespace(**{**vars(args), "epochs": 1}))  # warm-up, not counted
+        start = torch.get_rng_state()  # each run, alone or together, starts from this state, as in a sweep
         jobs = build_jobs(clip, items, args, tokenizer, classnames)
         together, together_peak = timed_train(jobs, args)
-        alone, alone_peak = {}, 0
-        for job in build_jobs(clip, items, args, tokenizer, classnames):
+        alone, alone_peak, identical = {}, 0, 0
+        for i in range(args.runs):
+            torch.set_rng_state(start)
+            job = build_jobs(clip, items, args, tokenizer, classnames, only=i)[0]
             seconds, peak = timed_train([job], args)
+            identical += torch.equal(job.method.learner.ctx, jobs[i].method.learner.ctx)
             alone_peak = max(alone_peak, peak)
             for part, value in seconds.items():
                 alone[part] = alone.get(part, 0.0) + value
@@ -156,7 +162,8 @@ def main(argv=None):
         parts = " | ".join(f"{seconds.get(p, 0) / run_steps:.3f}" for p in ("loading", "image", "run step", "other"))
         print(f"| {mode} | {run_steps / seconds['total']:.3f} | {seconds['total'] / run_steps:.3f} | {parts} | "
               f"{peak / 2**30:.2f} |")
-    print(f"\nspeed-up per run: {alone['total'] / together['total']:.2f}x. Parts in seconds per run-step (a run's "
+    print(f"\ntrained contexts identical alone and together, bit for bit: {identical} of {args.runs} runs")
+    print(f"speed-up per run: {alone['total'] / together['total']:.2f}x. Parts in seconds per run-step (a run's "
           f"step): loading, reading and augmenting its share of the images; image, the frozen image encoder; run "
           f"step, the run's text side, loss, backward, update and diagnostics; other, the rest of train(). Peak "
           f"memory: {'CUDA allocated' if args.device.startswith('cuda') else 'resident (VmHWM)'}, of the mode.")
