@@ -893,6 +893,61 @@ class Job(NamedTuple):
     checkpoint: Path = None
     metrics: dict = {}
 
+class Tuning:
+    """One run's side of train(): its trained parameters, optimizer, scaler, history and checkpoint."""
+    def __init__(self, run):
+        self.run, self.method, self.args, self.error, self.state = run, run.method, run.args, None, None
+        self.trained = {name: p for name, p in run.method.learner.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.SGD(self.trained.values(), lr=self.args.lr, momentum=0.9, weight_decay=5e-4)
+        self.history = []
+        if run.checkpoint and Path(run.checkpoint).is_file():
+            self.state = same_run(load_checkpoint(run.checkpoint), run.checkpoint, self.args)
+            for name, value in self.state["trained"].items():
+                self.trained[name].data.copy_(value)
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.method.scaler.load_state_dict(self.state["scaler"])
+            self.history = self.state["history"]
+            print(f"resuming after epoch {len(self.history)} from {run.checkpoint}", flush=True)
+
+    def start_epoch(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.losses, self.correct, self.norms, self.is_noisy = [], [], [], []
+
+    def step(self, image_features, index, epoch, step):
+        method, scaler, args = self.method, self.method.scaler, self.args
+        target = self.run.labels[index].to(args.device)
+        with autocast(args):
+            logits, loss = method.step(image_features, target, index, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.losses.append(loss.item())
+        finite = all(p.isfinite().all() for p in self.trained.values())
+        if not (finite and math.isfinite(self.losses[-1])):
+            raise UserError(f"training diverged at epoch {epoch + 1}, step {step} (loss {self.losses[-1]:.4g}, trained "
+                            f"parameters {'' if finite else 'not '}finite): lower --lr ({args.lr:g}); no result is "
+                            f"written, and the checkpoint of the last finished epoch is kept")
+        self.correct.append((logits.argmax(dim=-1) == target).cpu())
+        self.norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
+        self.is_noisy.append(self.run.noisy[index])
+
+    def end_epoch(self, epoch, lr, seconds, generator, named):
+        correct, norms, is_noisy = torch.cat(self.correct), torch.cat(self.norms), torch.cat(self.is_noisy)
+        self.history.append({
+            "epoch": epoch + 1, "loss": float(np.mean(self.losses)), "lr": lr,
+            "train_accuracy_clean": mean_or_none(correct[is_noisy == 0]),  # against the given labels:
+            "train_accuracy_noisy": mean_or_none(correct[is_noisy == 1]),  # here that is memorisation
+            "grad_norm_clean": mean_or_none(norms[is_noisy == 0]), "grad_norm_noisy": mean_or_none(norms[is_noisy == 1]),
+            "seconds": seconds, **self.method.epoch_record(epoch)})
+        print(f"{self.args.out}: " * named + format_epoch(self.history[-1], self.args.epochs), flush=True)
+        if self.run.checkpoint:
+            atomic_write(self.run.checkpoint, lambda f: torch.save({
+                "command": command(self.args), "trained": {n: p.detach().cpu() for n, p in self.trained.items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.method.scaler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history}, f))
+
 def train(method, items, labels, noisy, args, checkpoint=None, together=()):
     """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the wrong ones
     (1, or True; -1: not known, as for Food-101N's unverified images). Returns the per-epoch history. Without
@@ -949,61 +1004,6 @@ def train(method, items, labels, noisy, args, checkpoint=None, together=()):
         for tuning in active:
             tuning.end_epoch(epoch, lr, time.time() - start, generator, len(runs) > 1)
     return tunings[0].history if not together else [t.error or t.history for t in tunings]
-
-class Tuning:
-    """One run's side of train(): its trained parameters, optimizer, scaler, history and checkpoint."""
-    def __init__(self, run):
-        self.run, self.method, self.args, self.error, self.state = run, run.method, run.args, None, None
-        self.trained = {name: p for name, p in run.method.learner.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.SGD(self.trained.values(), lr=self.args.lr, momentum=0.9, weight_decay=5e-4)
-        self.history = []
-        if run.checkpoint and Path(run.checkpoint).is_file():
-            self.state = same_run(load_checkpoint(run.checkpoint), run.checkpoint, self.args)
-            for name, value in self.state["trained"].items():
-                self.trained[name].data.copy_(value)
-            self.optimizer.load_state_dict(self.state["optimizer"])
-            self.method.scaler.load_state_dict(self.state["scaler"])
-            self.history = self.state["history"]
-            print(f"resuming after epoch {len(self.history)} from {run.checkpoint}", flush=True)
-
-    def start_epoch(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.losses, self.correct, self.norms, self.is_noisy = [], [], [], []
-
-    def step(self, image_features, index, epoch, step):
-        method, scaler, args = self.method, self.method.scaler, self.args
-        target = self.run.labels[index].to(args.device)
-        with autocast(args):
-            logits, loss = method.step(image_features, target, index, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.losses.append(loss.item())
-        finite = all(p.isfinite().all() for p in self.trained.values())
-        if not (finite and math.isfinite(self.losses[-1])):
-            raise UserError(f"training diverged at epoch {epoch + 1}, step {step} (loss {self.losses[-1]:.4g}, trained "
-                            f"parameters {'' if finite else 'not '}finite): lower --lr ({args.lr:g}); no result is "
-                            f"written, and the checkpoint of the last finished epoch is kept")
-        self.correct.append((logits.argmax(dim=-1) == target).cpu())
-        self.norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
-        self.is_noisy.append(self.run.noisy[index])
-
-    def end_epoch(self, epoch, lr, seconds, generator, named):
-        correct, norms, is_noisy = torch.cat(self.correct), torch.cat(self.norms), torch.cat(self.is_noisy)
-        self.history.append({
-            "epoch": epoch + 1, "loss": float(np.mean(self.losses)), "lr": lr,
-            "train_accuracy_clean": mean_or_none(correct[is_noisy == 0]),  # against the given labels:
-            "train_accuracy_noisy": mean_or_none(correct[is_noisy == 1]),  # here that is memorisation
-            "grad_norm_clean": mean_or_none(norms[is_noisy == 0]), "grad_norm_noisy": mean_or_none(norms[is_noisy == 1]),
-            "seconds": seconds, **self.method.epoch_record(epoch)})
-        print(f"{self.args.out}: " * named + format_epoch(self.history[-1], self.args.epochs), flush=True)
-        if self.run.checkpoint:
-            atomic_write(self.run.checkpoint, lambda f: torch.save({
-                "command": command(self.args), "trained": {n: p.detach().cpu() for n, p in self.trained.items()},
-                "optimizer": self.optimizer.state_dict(), "scaler": self.method.scaler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history}, f))
 
 def format_epoch(record, epochs):
     def value(key, spec):
