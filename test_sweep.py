@@ -62,6 +62,8 @@ def test_sweep_runs_the_grid_and_writes_tables_and_plots(finished_sweep, checkpo
         metrics = run.metrics()
         assert metrics["args"]["seed"] == run.seed and metrics["args"]["loss"] == run.method
         assert metrics["args"]["noise"] == run.rate and metrics["args"]["backbone"] == str(checkpoint)
+        log = (run.folder / "log.txt").read_text()  # the log of the process that trained its group
+        assert f"== {run.folder}\n" in log and "pass 1: 4 runs together" in log
     for name in ("results.md", "results.csv", "alpha.png", "beta.png"):
         assert (root / "out" / name).is_file()
     assert (root / "out" / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
