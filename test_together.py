@@ -60,8 +60,9 @@ def alone_and_together(tmp_path, data, checkpoint, settings, extra=(), script="d
             for i in range(len(settings))]
 
 
-@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "0", "--no-augment"], ["--workers", "2"]],
-                         ids=["augment", "no-augment", "workers"])
+@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "0", "--no-augment"], ["--workers", "2"],
+                                   ["--workers", "0", "--precision", "bf16"]],
+                         ids=["augment", "no-augment", "workers", "bf16"])
 def test_runs_together_equal_the_runs_alone(tmp_path, image_folder, tiny_checkpoint, extra):
     pairs = alone_and_together(tmp_path, image_folder, tiny_checkpoint, SETTINGS, extra)
     for alone, together in pairs:
