@@ -126,12 +126,18 @@ def grid(args):
 # -----------------------------------------------------------------------------
 # Running: N at a time, or one per GPU.
 
-def groups(runs):
-    """The runs as units to run: lists of runs that train together (same group_key), in the grid's order."""
+def groups(runs, slots=1):
+    """The runs as units to run: lists of runs that train together (same group_key), in the grid's order. The
+    largest are halved until there are at least as many units as slots (processes at a time), if they can be."""
     units = {}
     for run in runs:
         units.setdefault(run.group_key(), []).append(run)
-    return list(units.values())
+    units = list(units.values())
+    while len(units) < slots and max(map(len, units), default=1) > 1:
+        largest = max(units, key=len)
+        at = units.index(largest)
+        units[at:at + 1] = [largest[:len(largest) // 2], largest[len(largest) // 2:]]
+    return units
 
 
 def unit_command(unit, memory=None):
@@ -510,14 +516,14 @@ def main(argv=None):
     if not record.is_file() and not args.report:
         dspt.atomic_write(record, lambda f: f.write(json.dumps({"extra": args.extra}).encode()))
     pending = [run for run in runs if run.status() != "finished"]
-    units = [[run] for run in pending] if args.no_group else groups(pending)
+    gpus = gpu_count() if gpu_count() > 1 else 0
+    units = [[run] for run in pending] if args.no_group else groups(pending, 1 if args.print_commands else gpus or args.jobs)
     if args.print_commands:
         for unit in units:
             print(shlex.join(unit_command(unit, args.group_memory)))
         return runs, []
     failed = []
     if not args.report:
-        gpus = gpu_count() if gpu_count() > 1 else 0
         print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run in {len(units)} "
               f"{'processes' if len(units) != 1 else 'process'}, {f'on {gpus} GPUs' if gpus else f'{args.jobs} at a time'}",
               flush=True)

@@ -171,6 +171,9 @@ def test_runs_that_cannot_share_are_refused_together_and_run_alone_in_a_sweep(tm
     assert shared == {("ce", "dspt", "gce", "mae"), ("prograd",), ("nlprompt",), ("visprompt",)}
     assert all(len(unit) == 8 if unit[0].method in ("dspt", "ce") else len(unit) in (1, 2) for unit in units)
     assert [len(unit) for unit in units if unit[0].method in ("anprompt", "upl")] == [1] * 6
+    column = [run for run in runs if run.method in ("dspt", "ce", "gce", "mae") and run.seed == 1]
+    assert [len(unit) for unit in sweep.groups(column, slots=3)] == [2, 2, 4]  # every slot gets work
+    assert [len(unit) for unit in sweep.groups(column[:2], slots=4)] == [1, 1]
 
 
 def test_train_refuses_runs_with_other_items_or_image_encoding(tiny_checkpoint):
