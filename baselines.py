@@ -592,9 +592,12 @@ def prepare(args, shared):
     if args.method == "prograd":
         method = ProGrad(learner, loss_fn, template_features, scaler, args.prograd_lambda)
     elif args.method in ("nlprompt", "visprompt"):
-        with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
-            features, kept_train, _ = dspt.encode_images(clip, train_items, preprocess, args,
-                                                         "encoding training images for optimal transport")
+        key = ("training features", tuple(path for path, _ in train_items))  # the same for a group's runs
+        if key not in shared.memo:
+            with torch.random.fork_rng(devices=[]):  # leave the global RNG, hence augmentation, alone
+                shared.memo[key] = dspt.encode_images(clip, train_items, preprocess, args,
+                                                      "encoding training images for optimal transport")
+        features, kept_train, _ = shared.memo[key]
         method = (NLPrompt if args.method == "nlprompt" else VisPrompt)(learner, features, kept_train, labels, noisy,
                                                                          scaler)
     elif args.method == "anprompt":

@@ -1258,10 +1258,11 @@ class Shared(NamedTuple):  # what runs that share their images load once
     test_features: torch.Tensor  # the frozen encoder sees each test image once, for zero-shot and final accuracy
     test_labels: torch.Tensor
     unreadable_test: int
+    memo: dict  # what the runs compute alike from these, computed once (baselines.py's training features)
 
 def load_shared(args):
     dataset, tokenizer, clip, preprocess = load(args)
-    return Shared(dataset, tokenizer, clip, preprocess, *encode_test_set(clip, dataset, preprocess, args))
+    return Shared(dataset, tokenizer, clip, preprocess, *encode_test_set(clip, dataset, preprocess, args), {})
 
 def prepare(args, shared):
     """The run's Job: its few-shot sample with --noise, its zero-shot accuracy, its learner and method."""

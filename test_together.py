@@ -199,3 +199,18 @@ def test_a_group_command_with_bad_input_is_one_line(capsys):
         result = subprocess.run([sys.executable, str(sweep.HERE / "sweep.py"), *argv], capture_output=True, text=True)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith("sweep: error: --together takes dspt.py or baselines.py")
+
+
+def test_a_group_encodes_the_training_images_for_optimal_transport_once(tmp_path, image_folder, tiny_checkpoint,
+                                                                        monkeypatch):
+    calls, original = [], dspt.encode_images
+
+    def counted(clip, items, transform, args, desc, encode=None):
+        calls.append(desc)
+        return original(clip, items, transform, args, desc, encode)
+    monkeypatch.setattr(dspt, "encode_images", counted)
+    sweep.run_together("baselines.py", [argv(image_folder, tiny_checkpoint, tmp_path / str(i),
+                                             ["--method", "nlprompt", "--noise", str(rate), "--workers", "0"])
+                                        for i, rate in enumerate((0, 0.25, 0.5))])
+    assert calls.count("encoding training images for optimal transport") == 1
+    assert calls.count("encoding test images") == 1
