@@ -26,6 +26,7 @@ missing runs and average only the seeds that finished, saying how many.
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import io
 import json
@@ -39,7 +40,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+import baselines
 import dspt
 
 HERE = Path(__file__).resolve().parent
@@ -206,7 +209,6 @@ def memory_in_use(device, peak=False):
     """Bytes the process uses now (or at its peak since reset_peak): on CUDA torch's allocated memory, on
     the CPU the resident memory (Linux's /proc)."""
     if str(device).startswith("cuda"):
-        import torch
         return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device)
     field = "VmHWM" if peak else "VmRSS"
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -217,7 +219,6 @@ def memory_in_use(device, peak=False):
 
 def reset_peak(device):
     if str(device).startswith("cuda"):
-        import torch
         torch.cuda.reset_peak_memory_stats(device)
     else:
         try:
@@ -229,7 +230,6 @@ def reset_peak(device):
 def default_memory(device):
     """A quarter of the GPU's memory, or of the machine's, in bytes."""
     if str(device).startswith("cuda"):
-        import torch
         return torch.cuda.get_device_properties(device).total_memory // 4
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
@@ -237,7 +237,6 @@ def default_memory(device):
 def held_bytes(job):
     """The memory a run holds between steps, on top of what the group shares: its learner's and method's own
     tensors, and for each trained parameter its gradient and momentum."""
-    import torch
     shared = {id(t) for t in [*job.method.learner.clip.parameters(), *job.method.learner.clip.buffers()]}
     modules = [job.method.learner, job.method, *(m for m in vars(job.method).values() if isinstance(m, torch.nn.Module))]
     tensors = {id(t): t for module in modules if isinstance(module, torch.nn.Module)
@@ -252,8 +251,6 @@ def run_together(script, argvs, memory=None):
     set's features are loaded once; each run is prepared as alone; train() steps them all on each batch.
     Runs that hold more than memory bytes together go in several passes. Finished runs are skipped.
     Returns the runs' metrics; a run that fails is named at the end, after the others finished."""
-    import torch
-    import baselines
     module = baselines if Path(script).name == "baselines.py" else dspt
     group = [module.parse_args(argv) for argv in argvs]
     for args in group:
@@ -268,7 +265,6 @@ def run_together(script, argvs, memory=None):
             raise dspt.UserError(f"runs trained together may differ only in --loss, --noise and --noise-kind; "
                                  f"{args.out} differs from {group[0].out} in --{differs[0].replace('_', '-')}")
     results, failures = {}, []
-    import contextlib
     with contextlib.ExitStack() as held:
         for args in group:
             held.enter_context(dspt.owning(args.out))
@@ -493,11 +489,7 @@ def parse_args(argv=None):
 
 
 def gpu_count():
-    try:
-        import torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ the run's own step (its text side, loss, backward and update, and train()'s diag
 """
 
 import argparse
-import os
 import sys
 import tempfile
 import time
