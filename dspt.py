@@ -984,12 +984,13 @@ def train(method, items, labels, noisy, args, checkpoint=None, together=()):
                     image_features = method.encode(images.to(args.device, args.dtype))
                 yield image_features, index
     tunings = [Tuning(run) for run in runs]
-    behind = min(tunings, key=lambda tuning: len(tuning.history))  # a run ahead waits for the others
+    behind = min(tunings, key=lambda tuning: len(tuning.history))
     if behind.state:  # the batches and augmentations go on from where they were after its epoch
         generator.set_state(behind.state["generator"])
         torch.set_rng_state(behind.state["torch_rng"])
     for epoch in range(len(behind.history), args.epochs):
-        start, lr, active = time.time(), learning_rate(epoch, args), [t for t in tunings if len(t.history) == epoch]
+        start, lr = time.time(), learning_rate(epoch, args)
+        active = [t for t in tunings if len(t.history) == epoch and t.error is None]  # a run ahead waits
         for tuning in active:
             tuning.start_epoch(lr)
         for step, (image_features, index) in enumerate(progress(batches(), steps, f"epoch {epoch + 1}"), 1):
