@@ -287,6 +287,7 @@ def run_together(script, argvs, memory=None):
                 print(f"== {args.out}", flush=True)
                 job = module.prepare(args, shared)
                 if jobs and sum(sizes) + held_bytes(job) > budget:
+                    print(f"{args.out} does not fit in this pass's memory budget: it goes in the next", flush=True)
                     break  # the next pass prepares it again
                 if after is not None and not torch.equal(after, torch.get_rng_state()):
                     raise dspt.UserError(f"{args.out} draws other random numbers while it is set up than "
@@ -306,7 +307,7 @@ def run_together(script, argvs, memory=None):
                     results[job.args.out] = module.finish(job, history, shared)
             passes += 1
             print(f"pass {passes}: {len(jobs)} runs together, holding {sum(sizes) / 2**20:.3g} MiB of their own "
-                  f"(budget {budget / 2**30:.2f} GiB); peak memory {memory_in_use(first.args.device, True) / 2**30:.2f} "
+                  f"(budget {budget / 2**30:.3g} GiB); peak memory {memory_in_use(first.args.device, True) / 2**30:.2f} "
                   f"GiB", flush=True)
     if failures:
         raise dspt.UserError(f"{len(failures)} of the runs failed: " + "; ".join(failures))
