@@ -579,7 +579,7 @@ def prepare(args, shared):
               f"{args.backbone} on {args.device} ({args.precision})")
     else:
         train_items, labels, noisy, unreadable = dspt.noisy_few_shot(train_items, len(classnames), args,
-                                                                      dataset.verified)
+                                                                      dataset.verified, shared.memo)
         extra = {"label_truth": dspt.label_truth(noisy)} if dataset.verified else {}
         print(f"{dataset.name}: {len(classnames)} classes, {len(train_items)} training images "
               f"({(noisy == 1).sum().item()} with wrong labels), {len(dataset.test)} test images, {args.backbone} "

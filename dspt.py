@@ -1198,14 +1198,18 @@ def finished_or_resumable(args):
     if checkpoint.is_file():
         same_run(load_checkpoint(checkpoint), checkpoint, args)
 
-def noisy_few_shot(train_items, num_classes, args, verified=None):
+def noisy_few_shot(train_items, num_classes, args, verified=None, memo=None):
     """(--shots items per class, their labels with --noise, which are wrong, n_unreadable). Without
-    verified flags: a bool mask; with them (Food-101N's): int8, 1 wrong, 0 right, -1 not known."""
+    verified flags: a bool mask; with them (Food-101N's): int8, 1 wrong, 0 right, -1 not known.
+    memo: where runs that share their images keep the sample, which depends on the seed alone."""
     if args.verified_only and not verified:
         raise UserError(f"--verified-only needs verified labels, and {args.data} has none; prepare Food-101N with "
                         f"prepare_data.py, or leave --verified-only out")
-    pool = [item for item in train_items if item[0] in verified] if args.verified_only else train_items
-    items, unreadable = sample_few_shot(pool, num_classes, args.shots, args.seed)
+    memo, key = {} if memo is None else memo, ("few-shot sample", args.shots, args.seed, args.verified_only)
+    if key not in memo:
+        pool = [item for item in train_items if item[0] in verified] if args.verified_only else train_items
+        memo[key] = sample_few_shot(pool, num_classes, args.shots, args.seed)
+    items, unreadable = memo[key]
     clean = np.array([label for _, label in items])
     given = inject_label_noise(clean, num_classes, args.noise, args.noise_kind, args.seed)
     wrong = torch.from_numpy(given != clean)
@@ -1259,7 +1263,7 @@ class Shared(NamedTuple):  # what runs that share their images load once
     test_features: torch.Tensor  # the frozen encoder sees each test image once, for zero-shot and final accuracy
     test_labels: torch.Tensor
     unreadable_test: int
-    memo: dict  # what the runs compute alike from these, computed once (baselines.py's training features)
+    memo: dict  # what the runs compute alike from these, computed once: the few-shot sample, baselines.py's features
 
 def load_shared(args):
     dataset, tokenizer, clip, preprocess = load(args)
@@ -1268,7 +1272,8 @@ def load_shared(args):
 def prepare(args, shared):
     """The run's Job: its few-shot sample with --noise, its zero-shot accuracy, its learner and method."""
     dataset, clip, classnames = shared.dataset, shared.clip, shared.dataset.classnames
-    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified)
+    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified,
+                                                     shared.memo)
     truth = label_truth(noisy)
     known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
     print(f"{dataset.name}: {len(classnames)} classes, {len(items)} training images ({truth['wrong']} with wrong "

@@ -214,3 +214,15 @@ def test_a_group_encodes_the_training_images_for_optimal_transport_once(tmp_path
                                         for i, rate in enumerate((0, 0.25, 0.5))])
     assert calls.count("encoding training images for optimal transport") == 1
     assert calls.count("encoding test images") == 1
+
+
+def test_a_group_samples_its_few_shot_set_once(tmp_path, image_folder, tiny_checkpoint, monkeypatch):
+    calls, original = [], dspt.sample_few_shot
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+    monkeypatch.setattr(dspt, "sample_few_shot", counted)
+    sweep.run_together("dspt.py", [argv(image_folder, tiny_checkpoint, tmp_path / str(i), s, ["--workers", "0"])
+                                   for i, s in enumerate(SETTINGS)])
+    assert len(calls) == 1
