@@ -960,8 +960,8 @@ def train(method, items, labels, noisy, args, checkpoint=None, together=()):
     each run takes its own step on it, exactly as alone. Returns the list of histories; a run that diverges
     stops, and its entry is its UserError."""
     runs = [Job(method, items, labels, noisy, args, checkpoint), *together]
-    if any(run.items != items or type(run.method).encode is not type(method).encode for run in runs):
-        raise ValueError("runs trained together need the same items and the same image encoding")
+    if together and any(run.items != items or type(run.method).encode is not PromptTuning.encode for run in runs):
+        raise ValueError("runs trained together need the same items and CLIP's own image encoding")
     clip = method.learner.clip
     generator, batch_size = torch.Generator().manual_seed(args.seed), min(args.batch_size, len(items))
     if args.no_augment:

@@ -255,9 +255,6 @@ def run_together(script, argvs, memory=None):
     group = [module.parse_args(argv) for argv in argvs]
     for args in group:
         module.check_args(args)
-        if getattr(args, "method", None) in ("anprompt",):
-            raise dspt.UserError(f"--method {args.method} cannot train together with other runs: its image "
-                                 f"features are its own; run it alone")
     keys = [{k: v for k, v in dspt.command(args).items() if k not in VARYING} for args in group]
     for args, key in zip(group[1:], keys[1:]):
         differs = sorted(k for k in {**key, **keys[0]} if key.get(k) != keys[0].get(k))
@@ -286,6 +283,9 @@ def run_together(script, argvs, memory=None):
                 torch.set_rng_state(start_state)  # each run starts from the state a run alone has here
                 print(f"== {args.out}", flush=True)
                 job = module.prepare(args, shared)
+                if len(group) > 1 and type(job.method).encode is not dspt.PromptTuning.encode:
+                    raise dspt.UserError(f"{args.out}: its method encodes the images with parameters of its own, so "
+                                         f"it cannot train together with other runs; run it alone")
                 if jobs and sum(sizes) + held_bytes(job) > budget:
                     print(f"{args.out} does not fit in this pass's memory budget: it goes in the next", flush=True)
                     break  # the next pass prepares it again

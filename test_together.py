@@ -156,7 +156,7 @@ def test_a_run_that_diverges_stops_alone_and_the_others_finish(tmp_path, image_f
 
 def test_runs_that_cannot_share_are_refused_together_and_run_alone_in_a_sweep(tmp_path, image_folder,
                                                                               tiny_checkpoint):
-    with pytest.raises(dspt.UserError, match="--method anprompt cannot train together"):
+    with pytest.raises(dspt.UserError, match="encodes the images with parameters of its own, so it cannot train"):
         sweep.run_together("baselines.py", [argv(image_folder, tiny_checkpoint, tmp_path / str(i),
                                                  ["--method", "anprompt", "--noise", str(rate)])
                                             for i, rate in enumerate((0, 0.5))])
@@ -185,10 +185,12 @@ def test_train_refuses_runs_with_other_items_or_image_encoding(tiny_checkpoint):
     class OwnEncoding(dspt.PromptTuning):
         def encode(self, images):
             return images
-    for other in (dspt.Job(method, [("y.jpg", 0)], labels, labels, None),
-                  dspt.Job(OwnEncoding(learner, dspt.double_softmax_loss), items, labels, labels, None)):
-        with pytest.raises(ValueError, match="same items and the same image encoding"):
-            dspt.train(method, items, labels, labels, None, together=[other])
+    own = OwnEncoding(learner, dspt.double_softmax_loss)
+    for first, other in ((method, dspt.Job(method, [("y.jpg", 0)], labels, labels, None)),
+                         (method, dspt.Job(own, items, labels, labels, None)),
+                         (own, dspt.Job(own, items, labels, labels, None))):  # each run's features its own
+        with pytest.raises(ValueError, match="same items and CLIP's own image encoding"):
+            dspt.train(first, items, labels, labels, None, together=[other])
 
 
 def test_a_group_command_with_bad_input_is_one_line(capsys):
