@@ -395,24 +395,22 @@ def progress(items, total, desc):
                   file=sys.stderr, flush=True)
 
 def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside path, then rename it to path: a file that
-    is there stays whole until the new one is. The file gets the mode the umask gives, not mkstemp's 0600."""
+    """Call write(file_object) on a temporary file beside path, then rename it to path: a file that is there
+    stays whole until the new one is. The file gets the mode the umask gives, not mkstemp's 0600."""
+    tmp = None
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".part")
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror}); give a place you can write to") from None
-    try:
-        umask = os.umask(0o22)
-        os.umask(umask)
+        os.umask(umask := os.umask(0o22))  # read the umask
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:  # e.g. no space left on the device
-        raise UserError(f"cannot write {path} ({e.strerror}); the file that was there, if any, is intact") from None
+    except OSError as e:  # e.g. no space left on the device, or no permission
+        raise UserError(f"cannot write {path} ({e.strerror}); give a place you can write to (the file that was "
+                        f"there, if any, is intact)") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 def sha256_of(path):
@@ -894,20 +892,21 @@ class Job(NamedTuple):
     metrics: dict = {}
 
 class Tuning:
-    """One run's side of train(): its trained parameters, optimizer, scaler, history and checkpoint."""
-    def __init__(self, run):
-        self.run, self.method, self.args, self.error, self.state = run, run.method, run.args, None, None
-        self.trained = {name: p for name, p in run.method.learner.named_parameters() if p.requires_grad}
+    """One run's side of train(): its trained parameters, optimizer, scaler, history and checkpoint, resumed from
+    the checkpoint if there is one. sweep.py steps several on the same batches; prefix starts their printed lines."""
+    def __init__(self, job, prefix=""):
+        self.job, self.method, self.args, self.prefix, self.state = job, job.method, job.args, prefix, None
+        self.trained = {name: p for name, p in job.method.learner.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.SGD(self.trained.values(), lr=self.args.lr, momentum=0.9, weight_decay=5e-4)
         self.history = []
-        if run.checkpoint and Path(run.checkpoint).is_file():
-            self.state = same_run(load_checkpoint(run.checkpoint), run.checkpoint, self.args)
+        if job.checkpoint and Path(job.checkpoint).is_file():
+            self.state = same_run(load_checkpoint(job.checkpoint), job.checkpoint, self.args)
             for name, value in self.state["trained"].items():
                 self.trained[name].data.copy_(value)
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.method.scaler.load_state_dict(self.state["scaler"])
             self.history = self.state["history"]
-            print(f"resuming after epoch {len(self.history)} from {run.checkpoint}", flush=True)
+            print(f"{prefix}resuming after epoch {len(self.history)} from {job.checkpoint}", flush=True)
 
     def start_epoch(self, lr):
         for group in self.optimizer.param_groups:
@@ -916,7 +915,7 @@ class Tuning:
 
     def step(self, image_features, index, epoch, step):
         method, scaler, args = self.method, self.method.scaler, self.args
-        target = self.run.labels[index].to(args.device)
+        target = self.job.labels[index].to(args.device)
         with autocast(args):
             logits, loss = method.step(image_features, target, index, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -931,9 +930,9 @@ class Tuning:
                             f"written, and the checkpoint of the last finished epoch is kept")
         self.correct.append((logits.argmax(dim=-1) == target).cpu())
         self.norms.append(per_sample_gradient_norms(method.loss_fn, logits, target).cpu())
-        self.is_noisy.append(self.run.noisy[index])
+        self.is_noisy.append(self.job.noisy[index])
 
-    def end_epoch(self, epoch, lr, seconds, generator, named):
+    def end_epoch(self, epoch, lr, seconds, generator):
         correct, norms, is_noisy = torch.cat(self.correct), torch.cat(self.norms), torch.cat(self.is_noisy)
         self.history.append({
             "epoch": epoch + 1, "loss": float(np.mean(self.losses)), "lr": lr,
@@ -941,70 +940,56 @@ class Tuning:
             "train_accuracy_noisy": mean_or_none(correct[is_noisy == 1]),  # here that is memorisation
             "grad_norm_clean": mean_or_none(norms[is_noisy == 0]), "grad_norm_noisy": mean_or_none(norms[is_noisy == 1]),
             "seconds": seconds, **self.method.epoch_record(epoch)})
-        print(f"{self.args.out}: " * named + format_epoch(self.history[-1], self.args.epochs), flush=True)
-        if self.run.checkpoint:
-            atomic_write(self.run.checkpoint, lambda f: torch.save({
+        print(self.prefix + format_epoch(self.history[-1], self.args.epochs), flush=True)
+        if self.job.checkpoint:
+            atomic_write(self.job.checkpoint, lambda f: torch.save({
                 "command": command(self.args), "trained": {n: p.detach().cpu() for n, p in self.trained.items()},
                 "optimizer": self.optimizer.state_dict(), "scaler": self.method.scaler.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history}, f))
 
-def train(method, items, labels, noisy, args, checkpoint=None, together=()):
-    """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the wrong ones
-    (1, or True; -1: not known, as for Food-101N's unverified images). Returns the per-epoch history. Without
-    augmentation the images' features never change, so they are encoded once. After every epoch the state
-    (trained parameters, optimizer, scaler, history, and the random states that decide the later batches and
-    augmentations) is saved to checkpoint, if given; a run that finds one there continues after its epoch.
-
-    together: more Jobs on the same items whose args differ only in --loss, --noise, --noise-kind and --out, as
-    sweep.py groups them. Every run then sees the same batches, so each is read, augmented and encoded once, and
-    each run takes its own step on it, exactly as alone. Returns the list of histories; a run that diverges
-    stops, and its entry is its UserError."""
-    runs = [Job(method, items, labels, noisy, args, checkpoint), *together]
-    if together and any(run.items != items or type(run.method).encode is not PromptTuning.encode for run in runs):
-        raise ValueError("runs trained together need the same items and CLIP's own image encoding")
-    clip = method.learner.clip
-    generator, batch_size = torch.Generator().manual_seed(args.seed), min(args.batch_size, len(items))
+def training_batches(method, items, args, generator):
+    """(steps, batches): batches() yields an epoch's steps, each (image features, indices into items), in an order
+    drawn from generator; the last partial batch is dropped. Without augmentation the images' features never
+    change, so they are encoded once, here."""
+    clip, batch_size = method.learner.clip, min(args.batch_size, len(items))
     if args.no_augment:
         features, kept, _ = encode_images(clip, items, image_transform(clip.visual.input_resolution), args,
                                           "encoding training images", method.encode)
         steps = len(kept) // batch_size
 
-        def batches():  # (image features, indices into items), dropping the last partial batch
+        def batches():
             for rows in torch.randperm(len(kept), generator=generator).split(batch_size)[:steps]:
                 yield features[rows], kept[rows]
-    else:
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(items, image_transform(clip.visual.input_resolution, augment=True)), batch_size=batch_size,
-            shuffle=True, drop_last=True, num_workers=args.workers, collate_fn=collate, generator=generator)
-        steps = len(loader)
+        return steps, batches
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(items, image_transform(clip.visual.input_resolution, augment=True)), batch_size=batch_size,
+        shuffle=True, drop_last=True, num_workers=args.workers, collate_fn=collate, generator=generator)
 
-        def batches():
-            for images, _, index, _ in loader:
-                with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
-                    image_features = method.encode(images.to(args.device, args.dtype))
-                yield image_features, index
-    tunings = [Tuning(run) for run in runs]
-    behind = min(tunings, key=lambda tuning: len(tuning.history))
-    if behind.state:  # the batches and augmentations go on from where they were after its epoch
-        generator.set_state(behind.state["generator"])
-        torch.set_rng_state(behind.state["torch_rng"])
-    for epoch in range(len(behind.history), args.epochs):
+    def batches():
+        for images, _, index, _ in loader:
+            with torch.no_grad(), autocast(args):  # CLIP is frozen: no graph for the images
+                image_features = method.encode(images.to(args.device, args.dtype))
+            yield image_features, index
+    return len(loader), batches
+
+def train(method, items, labels, noisy, args, checkpoint=None):
+    """Tune the method's learner on items with the given (partly wrong) labels; noisy marks the wrong ones (1, or
+    True; -1: not known, as for Food-101N's unverified images). Returns the per-epoch history. After every epoch
+    the state (trained parameters, optimizer, scaler, history, and the random states that decide the later batches
+    and augmentations) is saved to checkpoint, if given; a run that finds one there continues after its epoch."""
+    generator = torch.Generator().manual_seed(args.seed)
+    steps, batches = training_batches(method, items, args, generator)
+    tuning = Tuning(Job(method, items, labels, noisy, args, checkpoint))
+    if tuning.state:  # the batches and augmentations go on from where they were after its epoch
+        generator.set_state(tuning.state["generator"])
+        torch.set_rng_state(tuning.state["torch_rng"])
+    for epoch in range(len(tuning.history), args.epochs):
         start, lr = time.time(), learning_rate(epoch, args)
-        active = [t for t in tunings if len(t.history) == epoch and t.error is None]  # a run ahead waits
-        for tuning in active:
-            tuning.start_epoch(lr)
+        tuning.start_epoch(lr)
         for step, (image_features, index) in enumerate(progress(batches(), steps, f"epoch {epoch + 1}"), 1):
-            for tuning in active:
-                try:
-                    tuning.step(image_features, index, epoch, step)
-                except UserError as e:  # diverged: this run stops here, the others go on
-                    if len(runs) == 1:
-                        raise
-                    tuning.error = e
-            active = [tuning for tuning in active if tuning.error is None]
-        for tuning in active:
-            tuning.end_epoch(epoch, lr, time.time() - start, generator, len(runs) > 1)
-    return tunings[0].history if not together else [t.error or t.history for t in tunings]
+            tuning.step(image_features, index, epoch, step)
+        tuning.end_epoch(epoch, lr, time.time() - start, generator)
+    return tuning.history
 
 def format_epoch(record, epochs):
     def value(key, spec):
@@ -1092,22 +1077,21 @@ def check_model_args(args):
     if not one_slot:
         raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, and no other "
                         f"braces; e.g. \"a photo of a {{}}.\"")
-    check_numbers(args, [("--batch-size", args.batch_size >= 1, "at least 1"), ("--workers", args.workers >= 0,
-                                                                                 "0 or more")])
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.device == "cpu" and gpu_is_visible():
-            warn(f"an NVIDIA GPU is visible but this torch ({torch.__version__}) cannot use CUDA, so it runs "
-                 f"on the CPU, many times slower; install a CUDA build of torch, or pass --device cpu")
+    check_numbers(args, [("--batch-size", args.batch_size >= 1, "at least 1"), ("--workers", args.workers >= 0, "0 or more")])
+    cuda, torch_version = torch.cuda.is_available(), f"this torch ({torch.__version__})"
+    if args.device is None and not cuda and gpu_is_visible():
+        warn(f"an NVIDIA GPU is visible but {torch_version} cannot use CUDA, so it runs on the CPU, many times "
+             f"slower; install a CUDA build of torch, or pass --device cpu")
+    args.device = args.device or ("cuda" if cuda else "cpu")
     try:
-        torch.device(args.device)
+        on_cuda = torch.device(args.device).type == "cuda"
     except RuntimeError:
         raise UserError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} was asked for but this torch ({torch.__version__}) cannot use "
-                        f"CUDA; install a CUDA build of torch, or use --device cpu")
-    args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
-    if args.precision in ("fp16", "amp") and not args.device.startswith("cuda"):
+    if on_cuda and not cuda:
+        raise UserError(f"--device {args.device} was asked for but {torch_version} cannot use CUDA; install a CUDA "
+                        f"build of torch, or use --device cpu")
+    args.precision = args.precision or ("amp" if on_cuda else "fp32")
+    if args.precision in ("fp16", "amp") and not on_cuda:
         raise UserError(f"--precision {args.precision} needs a CUDA device; use fp32 or bf16 on the CPU")
     args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision, torch.float32)
 
@@ -1125,16 +1109,6 @@ def check_args(args):
         digest = hashlib.sha256(json.dumps(command(args), sort_keys=True).encode()).hexdigest()[:8]
         args.out = (f"runs/{Path(args.data).resolve().name}-{backbone}-{args.loss}-{args.noise_kind}{args.noise:g}"
                     f"-{args.shots}shot-seed{args.seed}-{digest}")
-
-def load_model(args):
-    """(tokenizer, clip in --precision, preprocess) for checked args."""
-    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
-    return load_tokenizer(args.bpe, args.cache_dir), convert_weights(clip, args.dtype), preprocess
-
-def load(args):
-    """(dataset, tokenizer, clip, preprocess) for checked args."""
-    torch.manual_seed(args.seed)
-    return load_dataset(args.data), *load_model(args)
 
 def command(args):
     """The arguments that decide a run's results: a run in --out continues only with the same."""
@@ -1171,8 +1145,7 @@ def owning(out):
                 raise UserError(f"{out} is in use by another run ({lock.read().strip() or 'starting'}); wait for it "
                                 f"to end, or give another --out") from None
             lock.truncate(0)
-            lock.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
-            lock.flush()
+            print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=lock, flush=True)
             try:
                 yield
             finally:
@@ -1197,6 +1170,11 @@ def finished_or_resumable(args):
             raise UserError(f"{metrics} is damaged; delete it, or pass --fresh to run again") from None
     if checkpoint.is_file():
         same_run(load_checkpoint(checkpoint), checkpoint, args)
+
+def load_model(args):
+    """(tokenizer, clip in --precision, preprocess) for checked args."""
+    clip, preprocess = load_clip(args.backbone, args.device, args.cache_dir)
+    return load_tokenizer(args.bpe, args.cache_dir), convert_weights(clip, args.dtype), preprocess
 
 def noisy_few_shot(train_items, num_classes, args, verified=None, memo=None):
     """(--shots items per class, their labels with --noise, which are wrong, n_unreadable). Without
@@ -1266,27 +1244,27 @@ class Shared(NamedTuple):  # what runs that share their images load once
     memo: dict  # what the runs compute alike from these, computed once: the few-shot sample, baselines.py's features
 
 def load_shared(args):
-    dataset, tokenizer, clip, preprocess = load(args)
+    """The Shared of checked args: the dataset, the tokenizer and CLIP in --precision, the test set's features."""
+    torch.manual_seed(args.seed)
+    dataset, (tokenizer, clip, preprocess) = load_dataset(args.data), load_model(args)
     return Shared(dataset, tokenizer, clip, preprocess, *encode_test_set(clip, dataset, preprocess, args), {})
 
 def prepare(args, shared):
     """The run's Job: its few-shot sample with --noise, its zero-shot accuracy, its learner and method."""
     dataset, clip, classnames = shared.dataset, shared.clip, shared.dataset.classnames
-    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified,
-                                                     shared.memo)
-    truth = label_truth(noisy)
+    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified, shared.memo)
+    truth, template = label_truth(noisy), args.template or dataset.template
     known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
     print(f"{dataset.name}: {len(classnames)} classes, {len(items)} training images ({truth['wrong']} with wrong "
           f"labels{known}), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
-    template_features = zero_shot_text_features(clip, shared.tokenizer, args.template or dataset.template, classnames,
-                                                args)
+    template_features = zero_shot_text_features(clip, shared.tokenizer, template, classnames, args)
     zero_shot = accuracy(clip.logits(shared.test_features, template_features), shared.test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
     learner = PackedPromptLearner(clip, classnames, shared.tokenizer, args.n_ctx, args.ctx_init)
     metrics = {
         "args": {k: v for k, v in vars(args).items() if k != "dtype"}, "command": command(args),
-        "dataset": dataset.name, "split": dataset.split, "template": args.template or dataset.template,
-        "classnames": classnames, "train_images": len(items), "test_images": len(shared.test_labels),
+        "dataset": dataset.name, "split": dataset.split, "template": template, "classnames": classnames,
+        "train_images": len(items), "test_images": len(shared.test_labels),
         "unreadable_images": unreadable + shared.unreadable_test, "noise_rate": truth["wrong"] / len(noisy),
         **({"label_truth": truth} if dataset.verified else {}), "zero_shot_accuracy": zero_shot}
     return Job(PromptTuning(learner, LOSSES[args.loss], grad_scaler(args)), items, given, noisy, args,
@@ -1320,14 +1298,12 @@ def run(args, check=check_args, prepare=prepare, finish=finish):
         return finish(job, train(job.method, job.items, job.labels, job.noisy, args, job.checkpoint), shared)
 
 def reuse_freed_memory():
-    """Have glibc (Linux) keep freed memory for reuse, rather than pay at every step for the page
-    faults of fresh pages for large activations (up to twice the step's time on a CPU)."""
-    try:
+    """Have glibc (Linux) keep freed memory for reuse, rather than pay at every step for the page faults of
+    fresh pages for large activations (up to twice the step's time on a CPU)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
-    mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1, never give freed heap back
+        mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
+        mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1, never give freed heap back
 
 def main(argv=None, name="dspt", parse=parse_args, run=run):
     """Parse argv and run; a user error exits with one line and status 1. The sibling scripts'

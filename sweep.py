@@ -246,6 +246,38 @@ def held_bytes(job):
     return sum(t.nbytes * (3 if t.requires_grad else 1) for t in tensors.values())
 
 
+def train_together(jobs):
+    """dspt.train() for several runs (dspt.Jobs) on the same items, as run_together() groups them: each batch is
+    read, augmented and encoded once, and each run takes its own step on it, exactly as alone. A run resumed
+    further than another waits for it; a run that diverges stops, the others go on. Returns each run's history,
+    or the UserError it stopped with."""
+    first, args = jobs[0], jobs[0].args
+    if any(job.items != first.items or type(job.method).encode is not dspt.PromptTuning.encode for job in jobs):
+        raise ValueError("runs trained together need the same items and CLIP's own image encoding")
+    generator = torch.Generator().manual_seed(args.seed)
+    steps, batches = dspt.training_batches(first.method, first.items, args, generator)
+    tunings = [dspt.Tuning(job, f"{job.args.out}: " if len(jobs) > 1 else "") for job in jobs]
+    behind, errors = min(tunings, key=lambda tuning: len(tuning.history)), {}
+    if behind.state:  # the batches and augmentations go on from where they were after its epoch
+        generator.set_state(behind.state["generator"])
+        torch.set_rng_state(behind.state["torch_rng"])
+    for epoch in range(len(behind.history), args.epochs):
+        start, lr = time.time(), dspt.learning_rate(epoch, args)
+        active = [tuning for tuning in tunings if len(tuning.history) == epoch]  # a run ahead waits
+        for tuning in active:
+            tuning.start_epoch(lr)
+        for step, (image_features, index) in enumerate(dspt.progress(batches(), steps, f"epoch {epoch + 1}"), 1):
+            for tuning in active:
+                try:
+                    tuning.step(image_features, index, epoch, step)
+                except dspt.UserError as e:  # diverged: this run stops here
+                    errors[tuning] = e
+            active = [tuning for tuning in active if tuning not in errors]
+        for tuning in active:
+            tuning.end_epoch(epoch, lr, time.time() - start, generator)
+    return [errors.get(tuning, tuning.history) for tuning in tunings]
+
+
 def run_together(script, argvs, memory=None):
     """Train the runs of argvs (each a command line of script) as one group: the data, CLIP and the test
     set's features are loaded once; each run is prepared as alone; train() steps them all on each batch.
@@ -296,10 +328,7 @@ def run_together(script, argvs, memory=None):
                 after = torch.get_rng_state()
             torch.set_rng_state(after)
             first = jobs[0]
-            histories = dspt.train(first.method, first.items, first.labels, first.noisy, first.args, first.checkpoint,
-                                   together=jobs[1:])
-            histories = histories if len(jobs) > 1 else [histories]
-            for job, history in zip(jobs, histories):
+            for job, history in zip(jobs, train_together(jobs)):
                 if isinstance(history, Exception):
                     failures.append(f"{job.args.out}: {history}")
                 else:

@@ -728,7 +728,7 @@ def test_generated_split_is_the_same_for_every_seed_and_only_the_few_shot_sample
     for seed in ("1", "2"):
         args = dspt.parse_args(["--data", str(tmp_path / "data"), "--backbone", str(tiny_checkpoint), "--seed", seed])
         dspt.check_args(args)
-        dataset = dspt.load(args)[0]
+        dataset = dspt.load_dataset(args.data)
         loaded.append((dataset.train, dataset.test, dspt.noisy_few_shot(dataset.train, 3, args)[0]))
     (train, test, sample_1), (train_2, test_2, sample_2) = loaded
     assert train == train_2 and test == test_2
@@ -871,7 +871,7 @@ def test_only_the_command_line_changes_the_memory_allocator(tmp_path, image_fold
     monkeypatch.setattr(dspt, "reuse_freed_memory", lambda: calls.append("mallopt"))
     args = dspt.parse_args(["--data", str(image_folder), "--backbone", str(tiny_checkpoint)])
     dspt.check_args(args)
-    dspt.load(args)  # what other code imports and calls
+    dspt.load_model(args)  # what other code imports and calls
     assert calls == []
     run_main(tmp_path, image_folder, "--epochs", "1", backbone=tiny_checkpoint)
     assert calls == ["mallopt"]

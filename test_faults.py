@@ -71,7 +71,7 @@ def test_a_checkpoint_of_other_arguments_is_never_loaded(tmp_path, image_folder,
     run_main(tmp_path, image_folder, backbone=tiny_checkpoint)
     args = dspt.parse_args([*base(image_folder, tiny_checkpoint, tmp_path / "mine"), "--lr", "0.02"])
     dspt.check_args(args)
-    dataset, tokenizer, clip, _ = dspt.load(args)
+    dataset, (tokenizer, clip, _) = dspt.load_dataset(args.data), dspt.load_model(args)
     learner = dspt.PackedPromptLearner(clip, dataset.classnames, tokenizer, 4)
     initial = learner.ctx.detach().clone()
     with pytest.raises(dspt.UserError, match="checkpoint.pt is of a run with --lr 0.002, not 0.02"):

@@ -176,7 +176,7 @@ def test_runs_that_cannot_share_are_refused_together_and_run_alone_in_a_sweep(tm
     assert [len(unit) for unit in sweep.groups(column[:2], slots=4)] == [1, 1]
 
 
-def test_train_refuses_runs_with_other_items_or_image_encoding(tiny_checkpoint):
+def test_training_together_refuses_runs_with_other_items_or_image_encoding(tiny_checkpoint):
     clip, _ = dspt.load_clip(str(tiny_checkpoint))
     learner = dspt.PackedPromptLearner(clip, ["a", "b"], dspt.load_tokenizer(BPE_PATH), 4)
     items, labels = [("x.jpg", 0)], torch.zeros(1, dtype=torch.long)
@@ -190,7 +190,7 @@ def test_train_refuses_runs_with_other_items_or_image_encoding(tiny_checkpoint):
                          (method, dspt.Job(own, items, labels, labels, None)),
                          (own, dspt.Job(own, items, labels, labels, None))):  # each run's features its own
         with pytest.raises(ValueError, match="same items and CLIP's own image encoding"):
-            dspt.train(first, items, labels, labels, None, together=[other])
+            sweep.train_together([dspt.Job(first, items, labels, labels, None), other])
 
 
 def test_a_group_command_with_bad_input_is_one_line(capsys):

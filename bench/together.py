@@ -2,7 +2,7 @@
 Speed of a column of runs trained together (sweep.py's groups) against the same runs one after another.
 
 Runs that differ only in their loss and their noise see the same image batches. Alone, each run
-reads, augments and encodes every batch itself; together (dspt.train with together=...), each batch
+reads, augments and encodes every batch itself; together (sweep.train_together), each batch
 is read, augmented and encoded once, and every run takes its own step on it. This times both, in one
 process, on the same jobs: --runs runs (the four losses across noise settings), CLIP's RN50 with
 random weights, --classes classes of Caltech101's names, generated JPEG images of a photo's size
@@ -86,7 +86,7 @@ def build_jobs(clip, items, args, tokenizer, classnames, only=None):
 
 
 def timed_train(jobs, args):
-    """Seconds of dspt.train over the jobs, by part, and the peak memory meanwhile."""
+    """Seconds of dspt.train (one job) or sweep.train_together over the jobs, by part, and the peak memory meanwhile."""
     timer = Timer(args.device)
     originals = [(dspt.ImageDataset, "__getitem__", timer.wrap(dspt.ImageDataset, "__getitem__", "loading")),
                  (dspt.PromptTuning, "encode", timer.wrap(dspt.PromptTuning, "encode", "image")),
@@ -94,8 +94,10 @@ def timed_train(jobs, args):
     sweep.reset_peak(args.device)
     start = time.perf_counter()
     try:
-        first = jobs[0]
-        dspt.train(first.method, first.items, first.labels, first.noisy, first.args, together=jobs[1:])
+        if len(jobs) == 1:
+            dspt.train(jobs[0].method, jobs[0].items, jobs[0].labels, jobs[0].noisy, jobs[0].args)
+        else:
+            sweep.train_together(jobs)
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
