@@ -141,15 +141,16 @@ def test_a_group_with_a_finished_run_trains_only_the_others(tmp_path, image_fold
         assert outputs(tmp_path / "together" / str(i)) == outputs(tmp_path / "alone" / str(i))
 
 
+@pytest.mark.parametrize("memory", [None, 1], ids=["one pass", "a pass per run"])
 def test_a_run_that_diverges_stops_alone_and_the_others_finish(tmp_path, image_folder, tiny_checkpoint,
-                                                               monkeypatch):
+                                                               monkeypatch, memory):
     def diverging(logits, target):
         return dspt.cross_entropy_loss(logits, target) * float("nan")
     monkeypatch.setitem(dspt.LOSSES, "ce", diverging)
     argvs = [argv(image_folder, tiny_checkpoint, tmp_path / str(i), s, ["--workers", "0"])
              for i, s in enumerate(SETTINGS[:3])]
     with pytest.raises(dspt.UserError, match=r"1 of the runs failed: .*1: training diverged at epoch 1, step 1"):
-        sweep.run_together("dspt.py", argvs)
+        sweep.run_together("dspt.py", argvs, memory)
     assert (tmp_path / "0" / "metrics.json").is_file() and (tmp_path / "2" / "metrics.json").is_file()
     assert not (tmp_path / "1" / "metrics.json").exists()
 
