@@ -1257,8 +1257,9 @@ def prepare(args, shared):
     known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
     print(f"{dataset.name}: {len(classnames)} classes, {len(items)} training images ({truth['wrong']} with wrong "
           f"labels{known}), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
-    template_features = zero_shot_text_features(clip, shared.tokenizer, template, classnames, args)
-    zero_shot = accuracy(clip.logits(shared.test_features, template_features), shared.test_labels)
+    if ("zero-shot", template) not in shared.memo:  # the frozen text encoder sees a group's prompts once
+        shared.memo["zero-shot", template] = zero_shot_text_features(clip, shared.tokenizer, template, classnames, args)
+    zero_shot = accuracy(clip.logits(shared.test_features, shared.memo["zero-shot", template]), shared.test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
     learner = PackedPromptLearner(clip, classnames, shared.tokenizer, args.n_ctx, args.ctx_init)
     metrics = {

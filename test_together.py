@@ -219,13 +219,23 @@ def test_a_group_encodes_the_training_images_for_optimal_transport_once(tmp_path
     assert calls.count("encoding test images") == 1
 
 
-def test_a_group_samples_its_few_shot_set_once(tmp_path, image_folder, tiny_checkpoint, monkeypatch):
-    calls, original = [], dspt.sample_few_shot
+def counting(monkeypatch, name):
+    """Replace dspt.<name> with a wrapper that records its calls; returns the record."""
+    calls, original = [], getattr(dspt, name)
 
     def counted(*args):
-        calls.append(args)
+        calls.append(name)
         return original(*args)
-    monkeypatch.setattr(dspt, "sample_few_shot", counted)
-    sweep.run_together("dspt.py", [argv(image_folder, tiny_checkpoint, tmp_path / str(i), s, ["--workers", "0"])
-                                   for i, s in enumerate(SETTINGS)])
-    assert len(calls) == 1
+    monkeypatch.setattr(dspt, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("script, extra", [("dspt.py", []), ("baselines.py", ["--method", "prograd"])])
+def test_a_group_samples_its_few_shot_set_and_encodes_its_zero_shot_prompts_once(tmp_path, image_folder,
+                                                                                 tiny_checkpoint, monkeypatch,
+                                                                                 script, extra):
+    samples, prompts = counting(monkeypatch, "sample_few_shot"), counting(monkeypatch, "zero_shot_text_features")
+    settings = SETTINGS if script == "dspt.py" else [s[2:] for s in SETTINGS[:3]]  # noise settings only
+    sweep.run_together(script, [argv(image_folder, tiny_checkpoint, tmp_path / str(i), [*extra, *s], ["--workers", "0"])
+                                for i, s in enumerate(settings)])
+    assert len(samples) == 1 and len(prompts) == 1
