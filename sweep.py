@@ -248,11 +248,12 @@ def held_bytes(job):
 
 def train_together(jobs):
     """dspt.train() for several runs (dspt.Jobs) on the same items, as run_together() groups them: each batch is
-    read, augmented and encoded once, and each run takes its own step on it, exactly as alone. A run resumed
-    further than another waits for it; a run that diverges stops, the others go on. Returns each run's history,
-    or the UserError it stopped with."""
+    read, augmented and encoded once, and each run takes its own step on it, exactly as alone (one run may be
+    any method). A run resumed further than another waits for it; a run that diverges stops, the others go on.
+    Returns each run's history, or the UserError it stopped with."""
     first, args = jobs[0], jobs[0].args
-    if any(job.items != first.items or type(job.method).encode is not dspt.PromptTuning.encode for job in jobs):
+    if len(jobs) > 1 and any(job.items != first.items or type(job.method).encode is not dspt.PromptTuning.encode
+                             for job in jobs):
         raise ValueError("runs trained together need the same items and CLIP's own image encoding")
     generator = torch.Generator().manual_seed(args.seed)
     steps, batches = dspt.training_batches(first.method, first.items, args, generator)

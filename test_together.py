@@ -161,6 +161,9 @@ def test_runs_that_cannot_share_are_refused_together_and_run_alone_in_a_sweep(tm
         sweep.run_together("baselines.py", [argv(image_folder, tiny_checkpoint, tmp_path / str(i),
                                                  ["--method", "anprompt", "--noise", str(rate)])
                                             for i, rate in enumerate((0, 0.5))])
+    alone = sweep.run_together("baselines.py", [argv(image_folder, tiny_checkpoint, tmp_path / "alone",
+                                                     ["--method", "anprompt", "--workers", "0"])])  # alone, it may
+    assert alone[0]["history"] and (tmp_path / "alone" / "metrics.json").is_file()
     with pytest.raises(dspt.UserError, match="may differ only in --loss, --noise and --noise-kind; .* in --seed"):
         sweep.run_together("dspt.py", [argv(image_folder, tiny_checkpoint, tmp_path / str(seed), ["--seed", seed])
                                        for seed in ("1", "2")])
