@@ -491,12 +491,9 @@ def convert_weights(model, dtype):
 
 def read_state_dict(path):
     """The state dict of a TorchScript archive (the official format) or a plain state-dict file."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
-            return torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
-        pass
+    with contextlib.suppress(RuntimeError), warnings.catch_warnings():  # RuntimeError: not TorchScript
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        return torch.jit.load(path, map_location="cpu").state_dict()
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1077,7 +1074,8 @@ def check_model_args(args):
     if not one_slot:
         raise UserError(f"--template {args.template!r} must hold one {{}}, where the class name goes, and no other "
                         f"braces; e.g. \"a photo of a {{}}.\"")
-    check_numbers(args, [("--batch-size", args.batch_size >= 1, "at least 1"), ("--workers", args.workers >= 0, "0 or more")])
+    check_numbers(args, [("--batch-size", args.batch_size >= 1, "at least 1"),
+                         ("--workers", args.workers >= 0, "0 or more")])
     cuda, torch_version = torch.cuda.is_available(), f"this torch ({torch.__version__})"
     if args.device is None and not cuda and gpu_is_visible():
         warn(f"an NVIDIA GPU is visible but {torch_version} cannot use CUDA, so it runs on the CPU, many times "
@@ -1252,7 +1250,8 @@ def load_shared(args):
 def prepare(args, shared):
     """The run's Job: its few-shot sample with --noise, its zero-shot accuracy, its learner and method."""
     dataset, clip, classnames = shared.dataset, shared.clip, shared.dataset.classnames
-    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified, shared.memo)
+    items, given, noisy, unreadable = noisy_few_shot(dataset.train, len(classnames), args, dataset.verified,
+                                                     shared.memo)
     truth, template = label_truth(noisy), args.template or dataset.template
     known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
     print(f"{dataset.name}: {len(classnames)} classes, {len(items)} training images ({truth['wrong']} with wrong "
