@@ -568,9 +568,7 @@ def prepare(args, shared):
         template = args.template or PROGRAD_TEMPLATES[dataset.name]
         if not args.ctx_init:
             ctx_init, name_prefix = prograd_release_context(PROGRAD_TEMPLATES[dataset.name], tokenizer)
-    if ("zero-shot", template) not in shared.memo:  # as dspt.prepare: once for a group's runs
-        shared.memo["zero-shot", template] = dspt.zero_shot_text_features(clip, tokenizer, template, classnames, args)
-    template_features = shared.memo["zero-shot", template]
+    template_features = dspt.zero_shot_text_features(clip, tokenizer, template, classnames, args, shared.memo)
     if args.method == "upl":
         pool_size = len(train_items)
         train_items, labels, noisy, unreadable = pseudo_labelled_training_set(

@@ -1199,14 +1199,18 @@ def encode_test_set(clip, dataset, preprocess, args):
     features, kept, unreadable = encode_images(clip, dataset.test, preprocess, args, "encoding test images")
     return features, torch.tensor([dataset.test[i][1] for i in kept.tolist()], device=args.device), unreadable
 
-def zero_shot_text_features(clip, tokenizer, template, classnames, args):
-    """Zero-shot CLIP's text features [C, embed_dim]: template filled with each class name."""
-    try:
-        tokens = tokenizer.tokenize([template.format(name) for name in classnames])
-    except ValueError as e:
-        raise UserError(f"a zero-shot prompt does not fit: {e}; shorten --template or the class name") from None
-    with torch.no_grad(), autocast(args):
-        return clip.encode_text(tokens.to(args.device))
+def zero_shot_text_features(clip, tokenizer, template, classnames, args, memo=None):
+    """Zero-shot CLIP's text features [C, embed_dim]: template filled with each class name. memo: where runs
+    that share their images keep them, so that the frozen text encoder sees a group's prompts once."""
+    memo = {} if memo is None else memo
+    if ("zero-shot", template) not in memo:
+        try:
+            tokens = tokenizer.tokenize([template.format(name) for name in classnames])
+        except ValueError as e:
+            raise UserError(f"a zero-shot prompt does not fit: {e}; shorten --template or the class name") from None
+        with torch.no_grad(), autocast(args):
+            memo["zero-shot", template] = clip.encode_text(tokens.to(args.device))
+    return memo["zero-shot", template]
 
 def label_truth(noisy):
     """How many training labels are right, wrong and not known (noisy: noisy_few_shot's)."""
@@ -1256,9 +1260,8 @@ def prepare(args, shared):
     known = f", {truth['right']} verified right, {truth['unknown']} not known" if dataset.verified else ""
     print(f"{dataset.name}: {len(classnames)} classes, {len(items)} training images ({truth['wrong']} with wrong "
           f"labels{known}), {len(dataset.test)} test images, {args.backbone} on {args.device} ({args.precision})")
-    if ("zero-shot", template) not in shared.memo:  # the frozen text encoder sees a group's prompts once
-        shared.memo["zero-shot", template] = zero_shot_text_features(clip, shared.tokenizer, template, classnames, args)
-    zero_shot = accuracy(clip.logits(shared.test_features, shared.memo["zero-shot", template]), shared.test_labels)
+    template_features = zero_shot_text_features(clip, shared.tokenizer, template, classnames, args, shared.memo)
+    zero_shot = accuracy(clip.logits(shared.test_features, template_features), shared.test_labels)
     print(f"zero-shot test accuracy {zero_shot:.2%}")
     learner = PackedPromptLearner(clip, classnames, shared.tokenizer, args.n_ctx, args.ctx_init)
     metrics = {

@@ -246,14 +246,18 @@ def held_bytes(job):
     return sum(t.nbytes * (3 if t.requires_grad else 1) for t in tensors.values())
 
 
+def encodes_its_own_images(job):
+    """Whether the job's method encodes images with parameters of its own (ANPrompt), so that it shares no features."""
+    return type(job.method).encode is not dspt.PromptTuning.encode
+
+
 def train_together(jobs):
     """dspt.train() for several runs (dspt.Jobs) on the same items, as run_together() groups them: each batch is
     read, augmented and encoded once, and each run takes its own step on it, exactly as alone (one run may be
     any method). A run resumed further than another waits for it; a run that diverges stops, the others go on.
     Returns each run's history, or the UserError it stopped with."""
     first, args = jobs[0], jobs[0].args
-    if len(jobs) > 1 and any(job.items != first.items or type(job.method).encode is not dspt.PromptTuning.encode
-                             for job in jobs):
+    if len(jobs) > 1 and any(job.items != first.items or encodes_its_own_images(job) for job in jobs):
         raise ValueError("runs trained together need the same items and CLIP's own image encoding")
     generator = torch.Generator().manual_seed(args.seed)
     steps, batches = dspt.training_batches(first.method, first.items, args, generator)
@@ -316,7 +320,7 @@ def run_together(script, argvs, memory=None):
                 torch.set_rng_state(start_state)  # each run starts from the state a run alone has here
                 print(f"== {args.out}", flush=True)
                 job = module.prepare(args, shared)
-                if len(group) > 1 and type(job.method).encode is not dspt.PromptTuning.encode:
+                if len(group) > 1 and encodes_its_own_images(job):
                     raise dspt.UserError(f"{args.out}: its method encodes the images with parameters of its own, so "
                                          f"it cannot train together with other runs; run it alone")
                 if jobs and sum(sizes) + held_bytes(job) > budget:

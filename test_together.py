@@ -222,14 +222,14 @@ def test_a_group_encodes_the_training_images_for_optimal_transport_once(tmp_path
     assert calls.count("encoding test images") == 1
 
 
-def counting(monkeypatch, name):
-    """Replace dspt.<name> with a wrapper that records its calls; returns the record."""
-    calls, original = [], getattr(dspt, name)
+def counting(monkeypatch, owner, name):
+    """Replace owner.<name> with a wrapper that records its calls; returns the record."""
+    calls, original = [], getattr(owner, name)
 
     def counted(*args):
         calls.append(name)
         return original(*args)
-    monkeypatch.setattr(dspt, name, counted)
+    monkeypatch.setattr(owner, name, counted)
     return calls
 
 
@@ -237,7 +237,8 @@ def counting(monkeypatch, name):
 def test_a_group_samples_its_few_shot_set_and_encodes_its_zero_shot_prompts_once(tmp_path, image_folder,
                                                                                  tiny_checkpoint, monkeypatch,
                                                                                  script, extra):
-    samples, prompts = counting(monkeypatch, "sample_few_shot"), counting(monkeypatch, "zero_shot_text_features")
+    samples = counting(monkeypatch, dspt, "sample_few_shot")
+    prompts = counting(monkeypatch, dspt.CLIP, "encode_text")  # only the zero-shot prompts go through it
     settings = SETTINGS if script == "dspt.py" else [s[2:] for s in SETTINGS[:3]]  # noise settings only
     sweep.run_together(script, [argv(image_folder, tiny_checkpoint, tmp_path / str(i), [*extra, *s], ["--workers", "0"])
                                 for i, s in enumerate(settings)])
